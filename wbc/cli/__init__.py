@@ -1,0 +1,32 @@
+"""`wbc` command line: thin wrappers over library functions (each command module registers itself)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from wbc.cli.app import app
+from wbc.errors import WbcError
+from wbc.log import console, setup_logging
+
+# Importing the modules registers their commands on `app`.
+from wbc.cli import prepare, train, extract, heads, evaluate, robustness  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user mistakes print one line and exit 2; never a traceback for them."""
+    setup_logging()
+    try:
+        app(args=argv, standalone_mode=False)
+    except WbcError as e:
+        console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        console.print("interrupted: completed work is kept; rerun the same command to resume")
+        sys.exit(130)

@@ -1,0 +1,3 @@
+"""CLI commands (placeholder until its issue lands)."""
+
+from wbc.cli.app import app  # noqa: F401

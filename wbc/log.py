@@ -1,0 +1,49 @@
+"""Logging and progress bars: library code logs through `logging`; rich renders both."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+# stderr keeps stdout clean for tables and machine-readable output.
+console = Console(stderr=True)
+
+
+def setup_logging(level: str | int = "INFO") -> None:
+    """Configure the root `wbc` logger once (idempotent)."""
+    logger = logging.getLogger("wbc")
+    if any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.setLevel(level)
+        return
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def progress(transient: bool = False) -> Progress:
+    """A rich progress bar; silent when WBC_NO_PROGRESS is set (tests, CI logs)."""
+    disable = bool(os.environ.get("WBC_NO_PROGRESS"))
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=disable,
+    )
