@@ -1,0 +1,9 @@
+"""Shared test setup: no progress bars, a fixed torch thread count (2-core CI machines)."""
+
+import os
+
+os.environ.setdefault("WBC_NO_PROGRESS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
