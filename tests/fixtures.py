@@ -1,0 +1,112 @@
+"""Synthetic stained-looking cells and tiny image stores for tests (no /work/shared, no network).
+
+Images are built in optical-density space by mixing two stain vectors (hematoxylin in a nucleus,
+eosin in the cytoplasm), the model Macenko inverts, so Macenko tests have a known ground truth.
+Classes differ in nucleus size/lobes and eosin level, so a tiny model can learn something.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+# Ruifrok & Johnston's H and E optical-density vectors (unit length), columns of HE (3, 2).
+H_VEC = np.array([0.650, 0.704, 0.286])
+E_VEC = np.array([0.072, 0.990, 0.105])
+HE_DEFAULT = np.stack([H_VEC / np.linalg.norm(H_VEC), E_VEC / np.linalg.norm(E_VEC)], axis=1)
+IO = 240  # torchstain's transmitted light intensity
+
+
+def stained_image(
+    rng: np.random.Generator,
+    size: int = 64,
+    he: np.ndarray = HE_DEFAULT,
+    nucleus: float = 0.25,
+    lobes: int = 1,
+    hema: float = 1.4,
+    eosin: float = 0.6,
+) -> np.ndarray:
+    """One synthetic cell: (size, size, 3) uint8 RGB.
+
+    he: (3, 2) stain OD vectors (H, E); nucleus: nucleus radius as a fraction of size;
+    lobes: number of nuclear lobes; hema/eosin: peak concentrations.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(float) / size
+    cy, cx = 0.5 + rng.uniform(-0.05, 0.05, 2)
+    cyto = ((yy - cy) ** 2 + (xx - cx) ** 2) < 0.38**2
+    nuc = np.zeros_like(cyto)
+    for k in range(lobes):
+        ang = 2 * np.pi * k / max(lobes, 1) + rng.uniform(0, 0.5)
+        off = 0.0 if lobes == 1 else nucleus * 0.9
+        ny, nx = cy + off * np.sin(ang), cx + off * np.cos(ang)
+        r = nucleus / (1 if lobes == 1 else 1.6)
+        nuc |= ((yy - ny) ** 2 + (xx - nx) ** 2) < r**2
+    c_h = nuc * hema * rng.uniform(0.8, 1.2, (size, size))
+    c_e = cyto * eosin * rng.uniform(0.7, 1.3, (size, size))
+    od = c_h[..., None] * he[:, 0] + c_e[..., None] * he[:, 1]
+    od += rng.uniform(0.0, 0.02, od.shape)  # faint background, like a smear's plasma
+    return np.clip(IO * np.exp(-od), 0, 255).astype(np.uint8)
+
+
+def class_params(k: int) -> dict:
+    """Appearance of class k: distinct nucleus size, lobe count and eosin level."""
+    return {"nucleus": 0.12 + 0.06 * (k % 3), "lobes": 1 + (k // 3) % 3, "eosin": 0.3 + 0.35 * (k % 4)}
+
+
+def make_images(classes: Sequence[str], n_per_class: int, size: int, seed: int):
+    """(images (N, S, S, 3) uint8, labels (N,) int, paths) with classes in blocks."""
+    rng = np.random.default_rng(seed)
+    imgs, labels, paths = [], [], []
+    for k, name in enumerate(classes):
+        for i in range(n_per_class):
+            imgs.append(stained_image(rng, size, **class_params(k)))
+            labels.append(k)
+            paths.append(f"{name}/{i:03d}.png")
+    return np.stack(imgs), np.array(labels), paths
+
+
+def make_tiny_store(
+    path: str | Path,
+    classes: Sequence[str] = ("A", "B", "C"),
+    n_per_class: int = 8,
+    size: int = 64,
+    folds: int = 3,
+    seed: int = 0,
+    n_test_per_class: int = 2,
+) -> Path:
+    """Write a complete, already-split synthetic store (no Macenko) and return its path.
+
+    Per class (shuffled by `seed`): the first `n_test_per_class` rows are held-out test
+    (fold -1), the rest go round-robin into folds 0..folds-1.
+    """
+    from wbc import __version__
+    from wbc.store import StoreWriter, write_split
+
+    path = Path(path)
+    images, labels, paths = make_images(classes, n_per_class, size, seed)
+    sha = [hashlib.sha256(im.tobytes()).hexdigest() for im in images]
+    settings = {"size": size, "stain": False, "source": "synthetic", "seed": seed}
+    with StoreWriter(path, size=size, plan_id=f"fixture-{seed}", overwrite=True) as w:
+        n = len(images)
+        w.append(images, labels, paths, [True] * n, [""] * n, [""] * n, sha)
+        w.commit(n)
+        w.finalize(
+            classes,
+            {"stain": "none", "template": None, "stain_matrix": None, "max_conc": None,
+             "settings": settings, "wbc_version": __version__},
+            settings,
+        )
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), np.int8)
+    for k in range(len(classes)):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        fold[idx[:n_test_per_class]] = -1
+        fold[idx[n_test_per_class:]] = np.arange(len(idx) - n_test_per_class) % folds
+    info = {"test": n_test_per_class / n_per_class, "folds": folds, "seed": seed,
+            "grouped": False, "method": "fixture"}
+    write_split(path, fold, json.loads(json.dumps(info)))
+    return path
