@@ -1,0 +1,134 @@
+"""The paper's Table 1 on the held-out test: each fold's model, mean +- std over folds.
+
+Rows: Supervised <b> (Stage-1 logits from the cache) and Decoupled <b> (Stage-2 head) for each
+backbone b, then every pairwise ensemble and the ensemble of all (of decoupled members where heads
+exist, else supervised). Fold k's row uses fold k's members only; the held-out test rows
+(fold == -1) are the same images in every fold's cache, so each row is scored M times on one set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wbc.ensemble import Member, MemberOutput, check_compatible, fit_temperature, member_output
+from wbc.ensemble import view_probs
+from wbc.errors import WbcError
+from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
+
+log = logging.getLogger(__name__)
+TEST = -1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One backbone's members, one per fold: caches[k] with heads[k] (heads may be empty)."""
+
+    name: str
+    caches: tuple[Path, ...]
+    heads: tuple[Path, ...] = ()
+
+    def member(self, k: int, decoupled: bool) -> Member:
+        return Member(self.caches[k], self.heads[k] if decoupled else None)
+
+
+@dataclass
+class RowResult:
+    name: str
+    kind: str
+    members: tuple[str, ...]
+    folds: list[dict] = field(default_factory=list)  # per-fold metrics (+ ece, temperature)
+    confusion: np.ndarray | None = None  # summed over folds
+
+    def stat(self, key: str) -> tuple[float, float]:
+        v = np.array([f[key] for f in self.folds], np.float64)
+        return float(v.mean()), float(v.std())
+
+
+def table_rows(models: list[ModelSpec]) -> list[tuple[str, str, tuple[str, ...], bool]]:
+    """(row name, kind, member names, decoupled?) in the paper's order."""
+    rows = [(f"Supervised {m.name}", "supervised", (m.name,), False) for m in models]
+    rows += [(f"Decoupled {m.name}", "decoupled", (m.name,), True) for m in models if m.heads]
+    decoupled = all(m.heads for m in models)
+    names = [m.name for m in models]
+    if len(models) >= 2:
+        prefix = "Ensemble" if decoupled else "Supervised ensemble"
+        kind = "ensemble"
+        for a, b in itertools.combinations(names, 2):
+            rows.append((f"{prefix} {a}+{b}", kind, (a, b), decoupled))
+        if len(models) > 2:
+            rows.append((f"{prefix} all ({'+'.join(names)})", kind, tuple(names), decoupled))
+    return rows
+
+
+def validate_models(models: list[ModelSpec], folds: list[int]) -> None:
+    if not models:
+        raise WbcError("no models given: pass at least one --model NAME:CACHE[:HEAD]")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise WbcError(f"model names must be unique, got {names}")
+    for m in models:
+        if len(m.caches) != len(folds) or (m.heads and len(m.heads) != len(folds)):
+            raise WbcError(f"model {m.name}: need one cache (and head) per fold {folds}")
+        for p in (*m.caches, *m.heads):
+            if not Path(p).exists():
+                raise WbcError(f"model {m.name}: {p} does not exist")
+
+
+def _outputs(models, k, decoupled_names, fold_values, memo):
+    """MemberOutput per model name for fold index k (cached in memo)."""
+    out = {}
+    for m in models:
+        dec = m.name in decoupled_names
+        key = (m.name, k, dec, fold_values)
+        if key not in memo:
+            memo[key] = member_output(m.member(k, dec), fold_values)
+        out[m.name] = memo[key]
+    return out
+
+
+def evaluate_table(
+    models: list[ModelSpec], folds: list[int], calibrate: bool = False, ece_bins: int = 15
+) -> tuple[list[RowResult], list[str]]:
+    """Score every Table-1 row on the held-out test for each fold. Returns (rows, class_names)."""
+    validate_models(models, folds)
+    rows = table_rows(models)
+    memo: dict = {}
+    results = [RowResult(name, kind, members) for name, kind, members, _ in rows]
+    class_names: list[str] = []
+    for i, k in enumerate(folds):
+        for (name, kind, members, dec), res in zip(rows, results):
+            decs = set(members) if dec else set()
+            test = _outputs([m for m in models if m.name in members], i, decs, (TEST,), memo)
+            outs = [test[n] for n in members]
+            check_compatible(outs, list(members))
+            temps = [1.0] * len(outs)
+            if calibrate:
+                val = _outputs([m for m in models if m.name in members], i, decs, (k,), memo)
+                temps = [fit_temperature(val[n].logits, val[n].labels) for n in members]
+            probs = np.mean([view_probs(o.logits, t) for o, t in zip(outs, temps)], axis=0)
+            res.folds.append(_score(probs, outs[0], ece_bins, temps))
+            cm = res.folds[-1].pop("confusion")
+            res.confusion = cm if res.confusion is None else res.confusion + cm
+            class_names = outs[0].class_names
+    return results, class_names
+
+
+def _score(probs: np.ndarray, ref: MemberOutput, ece_bins: int, temps: list[float]) -> dict:
+    labelled = ref.labels >= 0
+    y, p = ref.labels[labelled], probs[labelled].argmax(1)
+    m = classification_metrics(y, p, probs.shape[1])
+    return {
+        **{k: m[k] for k in HEADLINE},
+        "acc": m["acc"],
+        "ece": expected_calibration_error(probs[labelled], y, ece_bins),
+        "f1_per_class": m["per_class"]["f1"].tolist(),
+        "absent": m["absent"].tolist(),
+        "temperatures": temps,
+        "n": int(labelled.sum()),
+        "confusion": m["confusion"],
+    }
