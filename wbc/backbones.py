@@ -110,7 +110,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise WbcError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file
+    except Exception as e:  # noqa: BLE001 - any unreadable file (truncated, foreign) is the user's
         raise WbcError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -8,7 +8,8 @@ augmentations act on the uint8 crop; mean/std normalisation happens last, batche
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

