@@ -71,7 +71,7 @@ def evaluate(
 def ensemble_save(
     member: Annotated[list[str], typer.Option("--member", help="CHECKPOINT[:HEAD], repeatable.")],
     store: Annotated[Path, typer.Option(help="Image store whose stain template the members were trained on.")],
-    views: Annotated[str, typer.Option(help="View set name or comma-separated view names.")] = "d8",
+    views: Annotated[str, typer.Option(help="View set name or comma-separated view names.")] = "d4",
     out: Out = Path("ensemble.yaml"),
 ) -> None:
     """Write ENSEMBLE.yaml (checkpoints, heads, stain template, class names, views) for `wbc predict`."""

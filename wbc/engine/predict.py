@@ -1,0 +1,194 @@
+"""`wbc predict`: classify new cells with the full path of an ensemble.
+
+Decode -> RGB -> the training store's Macenko template (or none) -> resize to the store's size ->
+per member: its own crop/normalisation, K views, frozen backbone, head -> softmax averaged over
+views and members. The same functions as extraction are used, so predictions on an image equal
+what `evaluate` computes from the cache for it (to fp16 rounding of cached embeddings).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from wbc.config import file_sha256
+from wbc.device import resolve_device
+from wbc.errors import WbcError
+from wbc.log import progress
+
+log = logging.getLogger(__name__)
+FORMAT = "wbc.ensemble/1"
+IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+
+
+def _rel(path: Path, base: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), base.resolve())
+
+
+def save_ensemble(members: list[str], store_path: Path, views: str, out: Path) -> Path:
+    """Write ENSEMBLE.yaml. members: 'CHECKPOINT[:HEAD]' strings. Paths are stored relative to it."""
+    from wbc.backbones import load_checkpoint
+    from wbc.heads import load_head
+    from wbc.store import open_store
+    from wbc.views import resolve_views
+
+    if not members:
+        raise WbcError("no --member given: pass CHECKPOINT[:HEAD] at least once")
+    store = open_store(store_path)
+    out = Path(out)
+    base = out.parent if str(out.parent) else Path(".")
+    entries, classes = [], list(store.class_names)
+    for text in members:
+        ckpt, _, head = text.partition(":")
+        _, meta = load_checkpoint(ckpt)
+        if list(meta["class_names"]) != classes:
+            raise WbcError(f"{ckpt}: classes {meta['class_names']} differ from store {store_path}: {classes}")
+        if meta.get("store_content_id") != store.content_id:
+            raise WbcError(
+                f"{ckpt} was trained on store {meta.get('store_content_id')}, not {store_path} "
+                f"({store.content_id}): its stain template would not match"
+            )
+        entry = {"name": f"{meta.get('alias', meta['timm_name'])}-fold{meta.get('fold')}",
+                 "checkpoint": _rel(Path(ckpt), base), "checkpoint_sha256": file_sha256(ckpt),
+                 "head": _rel(Path(head), base) if head else None}
+        if head:
+            h = load_head(head)
+            if list(h.class_names) != classes:
+                raise WbcError(f"{head}: classes {list(h.class_names)} differ from {classes}")
+        entries.append(entry)
+    doc = {"format": FORMAT, "class_names": classes, "views": resolve_views(views),
+           "store": {"path": _rel(Path(store_path), base), "content_id": store.content_id,
+                     "provenance": store.provenance}, "members": entries}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+@dataclass
+class Ensemble:
+    class_names: list[str]
+    views: list[str]
+    provenance: dict
+    members: list[dict]  # name, checkpoint (abs Path), head (abs Path | None)
+
+
+def load_ensemble(path: Path) -> Ensemble:
+    path = Path(path)
+    if not path.is_file():
+        raise WbcError(f"ensemble file not found: {path}")
+    doc = yaml.safe_load(path.read_text()) or {}
+    if doc.get("format") != FORMAT:
+        raise WbcError(f"{path} is not an ensemble file (format {doc.get('format')!r}, want {FORMAT!r})")
+    base = path.parent
+    members = []
+    for m in doc["members"]:
+        ckpt = base / m["checkpoint"]
+        if not ckpt.is_file():
+            raise WbcError(f"{path}: member checkpoint {ckpt} not found")
+        if file_sha256(ckpt) != m["checkpoint_sha256"]:
+            raise WbcError(f"{path}: checkpoint {ckpt} changed since the ensemble was saved (sha256 differs)")
+        members.append({**m, "checkpoint": ckpt, "head": base / m["head"] if m.get("head") else None})
+    return Ensemble(doc["class_names"], doc["views"], doc["store"]["provenance"], members)
+
+
+def list_images(source: Path) -> tuple[list[Path], list[str | None]]:
+    """Image paths (and labels where a CSV gives them) from a folder (recursive) or a CSV."""
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXT)
+        if not paths:
+            raise WbcError(f"{source}: no images ({', '.join(sorted(IMAGE_EXT))}) found")
+        return paths, [None] * len(paths)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        with open(source, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "image" not in rows[0]:
+            raise WbcError(f"{source}: a CSV needs an 'image' column (paths relative to the CSV)")
+        return [source.parent / r["image"] for r in rows], [r.get("label") or None for r in rows]
+    raise WbcError(f"{source}: give a folder of images or a CSV with an 'image' column")
+
+
+@dataclass
+class PredictResult:
+    out: Path
+    n_ok: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed_path: Path | None = None
+    probs: np.ndarray | None = None
+
+
+class _Member:
+    """A loaded member: model, data config, optional Stage-2 head."""
+
+    def __init__(self, spec: dict, device: torch.device):
+        from wbc.backbones import load_checkpoint
+        from wbc.heads import load_head
+
+        self.model, self.meta = load_checkpoint(spec["checkpoint"], device)
+        self.head = load_head(spec["head"]) if spec.get("head") else None
+
+    def logits(self, images: np.ndarray, views: list[str], device: torch.device) -> np.ndarray:
+        """images: (B, S, S, 3) uint8 -> (B, K, C) float32 logits."""
+        from wbc.engine.extract import embed_views
+
+        feats, stage1 = embed_views(self.model, images, self.meta["data_config"], views, device)
+        if self.head is None:
+            return stage1
+        # The cache stores embeddings in fp16; round the same way so predict == evaluate.
+        return self.head.logits(feats.astype(np.float16).astype(np.float32))
+
+
+def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
+            device: str = "auto") -> PredictResult:
+    """Classify every image of `source`; write CSV rows image, predicted, prob_<class>..."""
+    from wbc.ensemble import view_probs
+    from wbc.stain import preprocess_like_store
+
+    ens = load_ensemble(ensemble_path)
+    dev = resolve_device(device)
+    paths, labels = list_images(source)
+    members = [_Member(m, dev) for m in ens.members]
+    rows, failed, all_probs = [], [], []
+    with progress() as bar:
+        task = bar.add_task("predict", total=len(paths), info="")
+        for start in range(0, len(paths), batch_size):
+            batch, names = [], []
+            for p in paths[start:start + batch_size]:
+                try:
+                    batch.append(preprocess_like_store(p, ens.provenance))
+                    names.append(p)
+                except WbcError as e:
+                    failed.append((str(p), str(e)))
+            if batch:
+                imgs = np.stack(batch)
+                probs = np.mean([view_probs(m.logits(imgs, ens.views, dev)) for m in members], axis=0)
+                all_probs.append(probs)
+                rows += [(str(n), ens.class_names[int(q.argmax())], *map(float, q)) for n, q in zip(names, probs)]
+            bar.update(task, advance=len(paths[start:start + batch_size]))
+    return _write(out, rows, failed, ens.class_names, all_probs)
+
+
+def _write(out, rows, failed, class_names, all_probs) -> PredictResult:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial.csv")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "predicted", *[f"prob_{c}" for c in class_names]])
+        w.writerows(rows)
+    tmp.replace(out)  # a partial CSV is never left under the final name
+    result = PredictResult(out, len(rows), failed,
+                           probs=np.concatenate(all_probs) if all_probs else np.zeros((0, len(class_names))))
+    if failed:
+        result.failed_path = out.with_name(out.stem + ".failed.csv")
+        with open(result.failed_path, "w", newline="") as f:
+            csv.writer(f).writerows([("image", "reason"), *failed])
+        log.warning("%d images could not be read (listed in %s)", len(failed), result.failed_path)
+    return result
