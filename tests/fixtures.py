@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-# Ruifrok & Johnston's H and E optical-density vectors (unit length), columns of HE (3, 2).
+# Hematoxylin (Ruifrok & Johnston) and a Giemsa-like eosin OD vector, columns of HE (3, 2). The
+# eosin is less extreme than Ruifrok's so pure-eosin pixels pass Macenko's OD >= beta threshold
+# in every channel (pixels failing it in any channel are dropped as background).
 H_VEC = np.array([0.650, 0.704, 0.286])
-E_VEC = np.array([0.072, 0.990, 0.105])
+E_VEC = np.array([0.270, 0.800, 0.530])
 HE_DEFAULT = np.stack([H_VEC / np.linalg.norm(H_VEC), E_VEC / np.linalg.norm(E_VEC)], axis=1)
 IO = 240  # torchstain's transmitted light intensity
 
@@ -28,7 +30,7 @@ def stained_image(
     nucleus: float = 0.25,
     lobes: int = 1,
     hema: float = 1.4,
-    eosin: float = 0.6,
+    eosin: float = 1.0,
 ) -> np.ndarray:
     """One synthetic cell: (size, size, 3) uint8 RGB.
 
@@ -46,7 +48,7 @@ def stained_image(
         r = nucleus / (1 if lobes == 1 else 1.6)
         nuc |= ((yy - ny) ** 2 + (xx - nx) ** 2) < r**2
     c_h = nuc * hema * rng.uniform(0.8, 1.2, (size, size))
-    c_e = cyto * eosin * rng.uniform(0.7, 1.3, (size, size))
+    c_e = (cyto & ~nuc) * eosin * rng.uniform(0.7, 1.3, (size, size))
     od = c_h[..., None] * he[:, 0] + c_e[..., None] * he[:, 1]
     od += rng.uniform(0.0, 0.02, od.shape)  # faint background, like a smear's plasma
     return np.clip(IO * np.exp(-od), 0, 255).astype(np.uint8)

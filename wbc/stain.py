@@ -1,0 +1,167 @@
+"""Macenko stain normalisation (torchstain, torch backend), template choice, failure handling.
+
+torchstain's torch `normalize` takes a CHW uint8 tensor and returns the image as **HWC int32**
+(values in [0, 255], NaN cast to INT_MIN). Code that permutes that output as if it were CHW gets
+a wrong shape, raises, and (if the exception is swallowed) silently keeps the un-normalised
+image. Here the output is checked and converted explicitly, and every failure is reported as a
+`StainError` with a reason, so callers store the original with `stain_ok=False` and count it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torchstain
+
+log = logging.getLogger(__name__)
+
+# Macenko's defaults as in torchstain: transmitted light Io, angle percentile alpha, OD threshold beta.
+IO, ALPHA, BETA = 240, 1, 0.15
+# Fewer stained pixels than this and the percentiles/eigenvectors are noise (blank or tiny images).
+MIN_STAINED_PIXELS = 256
+
+
+class StainError(Exception):
+    """Macenko cannot work on this image (blank, too little stain, tiny, degenerate)."""
+
+
+@dataclass(frozen=True)
+class StainParams:
+    io: int = IO
+    alpha: float = ALPHA
+    beta: float = BETA
+    min_stained_pixels: int = MIN_STAINED_PIXELS
+
+
+def _check_rgb(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+
+
+def _to_chw(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 numpy -> (3, H, W) uint8 tensor, the input torchstain's torch backend wants."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def stained_pixels(image: np.ndarray, params: StainParams = StainParams()) -> int:
+    """How many pixels Macenko would use (OD >= beta in every channel)."""
+    od = -np.log((image.reshape(-1, 3).astype(np.float32) + 1) / params.io)
+    return int((od >= params.beta).all(axis=1).sum())
+
+
+def _guard(image: np.ndarray, params: StainParams) -> None:
+    _check_rgb(image)
+    n = stained_pixels(image, params)
+    if n < params.min_stained_pixels:
+        raise StainError(f"too little stain ({n} stained pixels < {params.min_stained_pixels})")
+
+
+def estimate_stain(image: np.ndarray, params: StainParams = StainParams()) -> tuple[np.ndarray, np.ndarray]:
+    """Macenko stain matrix and max concentrations of one image.
+
+    image: (H, W, 3) uint8 RGB. Returns HE (3, 2) float64 (columns: hematoxylin, eosin unit OD
+    vectors) and max_conc (2,) float64 (99th percentile concentrations). Raises StainError.
+    """
+    _guard(image, params)
+    n = torchstain.normalizers.MacenkoNormalizer(backend="torch")
+    try:
+        n.fit(_to_chw(image), Io=params.io, alpha=params.alpha, beta=params.beta)
+    except (RuntimeError, IndexError, ValueError) as e:  # kthvalue / linalg errors
+        raise StainError(f"Macenko failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}") from None
+    he, max_c = n.HERef.double().numpy(), n.maxCRef.double().numpy()
+    if not (np.isfinite(he).all() and np.isfinite(max_c).all()) or (max_c <= 1e-6).any():
+        raise StainError("Macenko gave a degenerate stain matrix (NaN or zero concentration)")
+    return he, max_c
+
+
+class StainNormalizer:
+    """Normalise images onto a template's stain matrix and max concentrations (Macenko)."""
+
+    def __init__(self, stain_matrix: np.ndarray, max_conc: np.ndarray, params: StainParams = StainParams()):
+        self.stain_matrix = np.asarray(stain_matrix, dtype=np.float64).reshape(3, 2)
+        self.max_conc = np.asarray(max_conc, dtype=np.float64).reshape(2)
+        self.params = params
+        self._n = torchstain.normalizers.MacenkoNormalizer(backend="torch")
+        self._n.HERef = torch.tensor(self.stain_matrix, dtype=torch.float32)
+        self._n.maxCRef = torch.tensor(self.max_conc, dtype=torch.float32)
+
+    @classmethod
+    def fit(cls, template: np.ndarray, params: StainParams = StainParams()) -> StainNormalizer:
+        """Fit on a template image (H, W, 3) uint8; raises StainError if it has too little stain."""
+        return cls(*estimate_stain(template, params), params=params)
+
+    @classmethod
+    def from_provenance(cls, provenance: dict) -> StainNormalizer:
+        """The normaliser a store was prepared with (its `provenance` attribute)."""
+        if provenance.get("stain") != "macenko":
+            raise ValueError("this store was prepared without stain normalisation (--no-stain)")
+        p = provenance.get("stain_params") or {}
+        return cls(provenance["stain_matrix"], provenance["max_conc"], StainParams(**p))
+
+    def to_dict(self) -> dict:
+        return {"stain_matrix": self.stain_matrix.tolist(), "max_conc": self.max_conc.tolist(),
+                "stain_params": asdict(self.params)}
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (H, W, 3) uint8 RGB on the template's stains. Raises StainError."""
+        _guard(image, self.params)
+        p = self.params
+        try:
+            out, _, _ = self._n.normalize(_to_chw(image), Io=p.io, alpha=p.alpha, beta=p.beta, stains=False)
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise StainError(f"Macenko failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}") from None
+        # torchstain returns HWC int32 (not CHW): check rather than trust, then convert.
+        h, w = image.shape[:2]
+        if tuple(out.shape) != (h, w, 3):
+            raise StainError(f"unexpected torchstain output shape {tuple(out.shape)} for {(h, w, 3)}")
+        out = out.numpy()
+        if out.min() < 0:  # NaN concentrations become INT_MIN after .int()
+            raise StainError("Macenko produced NaN (degenerate concentrations)")
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def try_normalize(normalizer: StainNormalizer, image: np.ndarray) -> tuple[np.ndarray, bool, str]:
+    """(image, ok, reason): the normalised image, or the original with ok=False and why."""
+    try:
+        return normalizer.normalize(image), True, ""
+    except StainError as e:
+        return image, False, str(e)
+
+
+def stain_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle (degrees) between corresponding stain vectors, summed over H and E. a, b: (3, 2)."""
+    a = a / np.linalg.norm(a, axis=0, keepdims=True)
+    b = b / np.linalg.norm(b, axis=0, keepdims=True)
+    cos = np.clip((a * b).sum(axis=0), -1.0, 1.0)
+    return float(np.degrees(np.arccos(cos)).sum())
+
+
+def medoid(stain_matrices: Sequence[np.ndarray] | np.ndarray) -> tuple[int, float]:
+    """Index of the medoid of M stain matrices (M, 3, 2) under `stain_distance`, and its mean distance."""
+    m = np.asarray(stain_matrices, dtype=np.float64)
+    if m.ndim != 3 or m.shape[1:] != (3, 2) or len(m) == 0:
+        raise ValueError(f"expected (M, 3, 2) stain matrices, got {m.shape}")
+    unit = m / np.linalg.norm(m, axis=1, keepdims=True)
+    cos = np.clip(np.einsum("icj,kcj->ikj", unit, unit), -1.0, 1.0)  # (M, M, 2)
+    d = np.degrees(np.arccos(cos)).sum(axis=2)
+    total = d.sum(axis=1)
+    i = int(np.argmin(total))
+    return i, float(total[i] / max(len(m) - 1, 1))
+
+
+def normalise_like(provenance: dict, image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Apply a store's stain normalisation to a new image (e.g. for `wbc predict`).
+
+    image: (H, W, 3) uint8 RGB. Returns (image, stain_ok); for a `--no-stain` store the image is
+    returned unchanged with stain_ok True; on Macenko failure the original with stain_ok False.
+    """
+    if provenance.get("stain") != "macenko":
+        return image, True
+    out, ok, reason = try_normalize(StainNormalizer.from_provenance(provenance), image)
+    if not ok:
+        log.warning("stain normalisation failed, image kept as is: %s", reason)
+    return out, ok
