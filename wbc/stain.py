@@ -44,7 +44,10 @@ def _check_rgb(image: np.ndarray) -> None:
 
 def _to_chw(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 numpy -> (3, H, W) uint8 tensor, the input torchstain's torch backend wants."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # PIL-backed arrays are read-only; torch warns on those
+        image = image.copy()
+    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 def stained_pixels(image: np.ndarray, params: StainParams = StainParams()) -> int:

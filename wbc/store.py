@@ -37,6 +37,7 @@ ROW_FIELDS: dict[str, Any] = {
     "group": _STR,
     "source_split": _STR,
     "source_sha256": _STR,
+    "note": _STR,  # why stain_ok is False, or a conversion made on decode ('' when none)
 }
 SKIP_FIELDS = ("skipped_paths", "skipped_reasons")
 
@@ -115,6 +116,8 @@ class StoreWriter:
             f = h5py.File(self.path, "a")
         except OSError as e:
             raise WbcError(f"cannot open {self.path} for writing ({e}); close other readers of it first") from None
+        self.f = f
+        self._truncate_to_commit()
         log.info("resuming %s at item %d", self.path, self.cursor_of(f))
         return f
 
@@ -160,6 +163,7 @@ class StoreWriter:
         groups: Sequence[str],
         source_splits: Sequence[str],
         source_sha256: Sequence[str],
+        notes: Sequence[str] | None = None,
     ) -> None:
         """Append B rows. images: (B, S, S, 3) uint8."""
         images = np.asarray(images)
@@ -170,7 +174,8 @@ class StoreWriter:
             raise ValueError(f"images must be (B, {self.size}, {self.size}, 3) uint8, got "
                              f"{images.shape} {images.dtype}")
         cols = {"labels": labels, "paths": paths, "stain_ok": stain_ok, "group": groups,
-                    "source_split": source_splits, "source_sha256": source_sha256}
+                "source_split": source_splits, "source_sha256": source_sha256,
+                "note": notes if notes is not None else [""] * b}
         n = self.n_rows
         self.f["images"].resize(n + b, axis=0)
         self.f["images"][n:] = images
@@ -195,8 +200,33 @@ class StoreWriter:
         return list(zip(self.f["skipped_paths"].asstr()[:], self.f["skipped_reasons"].asstr()[:]))
 
     def commit(self, cursor: int) -> None:
-        """Record that plan items [0, cursor) are handled and flush to disk."""
+        """Record that plan items [0, cursor) are handled and flush to disk.
+
+        Row and skip counts are recorded with the cursor: rows appended after the last commit
+        (an interruption between append and commit) are dropped on resume.
+        """
+        self.f.attrs["committed_rows"] = self.n_rows
+        self.f.attrs["committed_skipped"] = int(self.f["skipped_paths"].shape[0])
         self.f.attrs["cursor"] = int(cursor)
+        self.f.flush()
+
+    def _truncate_to_commit(self) -> None:
+        rows = int(self.f.attrs.get("committed_rows", 0))
+        skipped = int(self.f.attrs.get("committed_skipped", 0))
+        for name in ("images", *ROW_FIELDS):
+            if self.f[name].shape[0] != rows:
+                self.f[name].resize(rows, axis=0)
+        for name in SKIP_FIELDS:
+            if self.f[name].shape[0] != skipped:
+                self.f[name].resize(skipped, axis=0)
+
+    def get_meta(self, key: str) -> Any:
+        """A JSON attribute of the partial store (e.g. the chosen template), None when absent."""
+        v = self.f.attrs.get(f"meta_{key}")
+        return None if v is None else json.loads(v)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.f.attrs[f"meta_{key}"] = _jdump(value)
         self.f.flush()
 
     def finalize(self, class_names: Sequence[str], provenance: dict, settings: dict) -> str:
@@ -278,6 +308,7 @@ class ImageStore:
         self.stain_ok: np.ndarray = f["stain_ok"][:]
         self.paths: list[str] = list(f["paths"].asstr()[:])
         self.groups: list[str] = list(f["group"].asstr()[:])
+        self.notes: list[str] = list(f["note"].asstr()[:])
         self.source_splits: list[str] = list(f["source_split"].asstr()[:])
         self._fold: np.ndarray | None = f["fold"][:] if "fold" in f else None
         self.skipped: list[tuple[str, str]] = list(

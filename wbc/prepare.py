@@ -1,0 +1,341 @@
+"""`prepare_store`: source images -> Macenko-normalised, resized HDF5 store (resumable).
+
+Pipeline per image (in worker processes: decoding and Macenko are the bottleneck): decode to
+RGB, normalise onto the template at source resolution, resize to S x S (bicubic), sha256 of the
+source bytes. The main process reads bytes, writes rows in plan order and commits a cursor every
+`commit_every` items, so an interrupted run resumes where it stopped.
+
+Template `auto`: the stain matrix of every candidate (items the source marks `train`, else all
+non-test items, else all; labels unused; a seeded uniform subsample of at most
+`max_template_candidates`) is estimated and the image whose matrix is the medoid (least summed
+angle to all others) becomes the template.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wbc import __version__
+from wbc.errors import WbcError
+from wbc.log import progress
+from wbc.sources import ImageDecodeError, Source, decode_image, open_source
+from wbc.stain import (
+    StainError,
+    StainNormalizer,
+    StainParams,
+    estimate_stain,
+    medoid,
+    try_normalize,
+)
+from wbc.store import StoreWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    size: int = 368  # the method resizes to 368 and centre-crops 224 at train time
+    stain: bool = True  # False = resized originals (the Macenko on/off ablation)
+    template: str = "auto"  # "auto" (medoid of candidates' stain matrices) or a reference image path
+    max_template_candidates: int = 500  # medoid of 500 is stable; estimating all costs a full pass
+    seed: int = 0  # candidate subsample
+    workers: int = -1  # processes for decode+normalise; -1 = all CPUs (up to 8), 0 = in-process
+    compression: str = "lzf"  # fast to decompress in DataLoader workers
+    commit_every: int = 64  # items per flush: the most an interruption can lose
+
+
+@dataclass
+class PrepareReport:
+    out: Path
+    n_items: int
+    n_written: int
+    n_skipped: int
+    n_stain_failed: int
+    stain_failures: dict[str, int]
+    template: dict | None
+    seconds: float
+    images_per_s: float
+    resumed_from: int
+    skipped_csv: Path
+    content_id: str = ""
+    notes: dict[str, int] = field(default_factory=dict)
+
+
+# -- worker side ------------------------------------------------------------------------------
+_NORMALIZERS: dict[tuple, StainNormalizer] = {}
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # parallelism comes from processes; threads would oversubscribe
+
+
+def _estimate_task(task: tuple[int, bytes | str]) -> tuple[int, list | None, list | None, str]:
+    i, payload = task
+    if isinstance(payload, str):
+        return i, None, None, payload
+    try:
+        rgb, note = decode_image(payload)
+        if note.startswith("grayscale"):
+            return i, None, None, note
+        he, max_c = estimate_stain(rgb)
+        return i, he.tolist(), max_c.tolist(), ""
+    except (ImageDecodeError, StainError) as e:
+        return i, None, None, str(e)
+
+
+def _prepare_task(task: tuple[int, bytes | str, tuple]) -> tuple[int, np.ndarray | None, bool, str, str]:
+    """-> (index, image (S,S,3) uint8 or None if skipped, stain_ok, sha256, note or skip reason)."""
+    i, payload, (size, stain) = task
+    if isinstance(payload, str):
+        return i, None, False, "", payload
+    sha = hashlib.sha256(payload).hexdigest()
+    try:
+        rgb, note = decode_image(payload)
+    except ImageDecodeError as e:
+        return i, None, False, sha, str(e)
+    ok = True
+    if stain is not None:
+        if note.startswith("grayscale"):
+            ok, note = False, f"{note}: no stain to normalise"
+        else:
+            norm = _NORMALIZERS.get(stain)
+            if norm is None:
+                he, max_c, params = stain
+                norm = _NORMALIZERS[stain] = StainNormalizer(he, max_c, StainParams(*params))
+            rgb, ok, reason = try_normalize(norm, rgb)
+            note = reason if not ok else note
+    out = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
+    return i, out, ok, sha, note
+
+
+def _pool(workers: int):
+    if workers == 0:
+        return None
+    # spawn: forking after torch has run in this process can deadlock OpenMP in the children
+    return mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+
+
+def _imap(pool, fn, tasks, window: int = 64):
+    """Ordered map with at most `window` tasks in flight (Pool.imap would read every source
+    image into its queue up front)."""
+    if pool is None:
+        yield from map(fn, tasks)
+        return
+    pending: deque = deque()
+    for t in tasks:
+        pending.append(pool.apply_async(fn, (t,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+# -- main side --------------------------------------------------------------------------------
+def _plan_id(src: Source, cfg: PrepareConfig) -> str:
+    h = hashlib.sha256()
+    for it in src.items:
+        h.update(f"{it.path}\t{it.label}\t{it.split}\t{it.group}\n".encode())
+    keys = ("size", "stain", "template", "max_template_candidates", "seed")
+    h.update(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def template_candidates(src: Source, limit: int, seed: int) -> tuple[list[int], int]:
+    """Indices of template candidates (see module doc) and the pool size they were drawn from."""
+    splits = [it.split.lower() for it in src.items]
+    pool = [i for i, s in enumerate(splits) if s == "train"]
+    pool = pool or [i for i, s in enumerate(splits) if s != "test"] or list(range(len(splits)))
+    if len(pool) <= limit:
+        return pool, len(pool)
+    pick = np.random.default_rng(seed).choice(len(pool), size=limit, replace=False)
+    return sorted(pool[j] for j in pick), len(pool)
+
+
+def choose_template(src: Source, cfg: PrepareConfig, pool) -> dict:
+    """Template record: stain matrix, max concentrations, which image, how it was chosen."""
+    if cfg.template != "auto":
+        p = Path(cfg.template)
+        if not p.is_file():
+            raise WbcError(f"template image not found: {p}; give an image path or --template auto")
+        try:
+            rgb, _ = decode_image(p.read_bytes())
+            he, max_c = estimate_stain(rgb)
+        except (ImageDecodeError, StainError) as e:
+            raise WbcError(f"template {p} cannot be used: {e}; choose another image") from None
+        return {"spec": str(p), "path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                "stain_matrix": he.tolist(), "max_conc": max_c.tolist()}
+    cand, pool_size = template_candidates(src, cfg.max_template_candidates, cfg.seed)
+    wanted = set(cand)
+
+    def tasks():
+        for i, b in src.iter_bytes(cand[0]):
+            if i in wanted:
+                yield i, b
+            if i >= cand[-1]:
+                return
+
+    found: dict[int, tuple[list, list]] = {}
+    with progress() as bar:
+        task = bar.add_task("template", total=len(cand), info="")
+        for i, he, max_c, _ in _imap(pool, _estimate_task, tasks()):
+            if he is not None:
+                found[i] = (he, max_c)
+            bar.advance(task)
+    if not found:
+        raise WbcError("no template candidate gives a Macenko estimate (blank or unstained images?); "
+                       "use --template PATH or --no-stain")
+    idx = sorted(found)
+    m, mean_angle = medoid([found[i][0] for i in idx])
+    best = idx[m]
+    log.info("template: %s (medoid of %d stain matrices, mean angle %.2f deg)",
+             src.items[best].path, len(idx), mean_angle)
+    return {"spec": "auto", "path": src.items[best].path, "index": best,
+            "stain_matrix": found[best][0], "max_conc": found[best][1],
+            "candidates": len(cand), "candidates_failed": len(cand) - len(idx),
+            "candidate_pool": pool_size, "seed": cfg.seed, "medoid_mean_angle_deg": mean_angle}
+
+
+def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = PrepareConfig(),
+                  overwrite: bool = False) -> PrepareReport:
+    """Build (or resume) the image store `out` from `source`; see the module doc."""
+    t0 = time.perf_counter()
+    src = open_source(source)
+    out = Path(out)
+    workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
+    label_index = {c: k for k, c in enumerate(src.class_names)}
+    with StoreWriter(out, size=cfg.size, plan_id=_plan_id(src, cfg), compression=cfg.compression,
+                     overwrite=overwrite) as w, _pool_ctx(workers) as pool:
+        start = w.cursor
+        if w.get_meta("listed") is None:
+            w.add_skipped(src.problems)
+            w.commit(0)
+            w.set_meta("listed", True)
+        tpl = w.get_meta("template")
+        if cfg.stain and tpl is None:
+            tpl = choose_template(src, cfg, pool)
+            w.set_meta("template", tpl)
+        stain_key = None
+        if cfg.stain:
+            stain_key = (tuple(map(tuple, tpl["stain_matrix"])), tuple(tpl["max_conc"]),
+                         tuple(asdict(StainParams()).values()))
+        _write_rows(w, src, label_index, pool, (cfg.size, stain_key), cfg.commit_every, start)
+        report, skipped = _finish(w, src, cfg, tpl, t0, start)
+    _write_skipped_csv(report.skipped_csv, skipped)
+    return report
+
+
+class _pool_ctx:
+    """A worker pool (or None for in-process work) that is terminated on any exit."""
+
+    def __init__(self, workers: int):
+        self.pool = _pool(workers)
+
+    def __enter__(self):
+        return self.pool
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _write_rows(w: StoreWriter, src: Source, label_index: dict, pool, job: tuple,
+                commit_every: int, start: int) -> None:
+    n = len(src.items)
+    rows: list = []
+    skipped: list[tuple[str, str]] = []
+
+    def flush(cursor: int) -> None:
+        if rows:
+            its = [src.items[r[0]] for r in rows]
+            w.append(np.stack([r[1] for r in rows]),
+                     [label_index[it.label] if it.label is not None else -1 for it in its],
+                     [it.path for it in its], [r[2] for r in rows], [it.group for it in its],
+                     [it.split for it in its], [r[3] for r in rows], [r[4] for r in rows])
+        w.add_skipped(skipped)
+        w.commit(cursor)
+        rows.clear()
+        skipped.clear()
+
+    tasks = ((i, b, job) for i, b in src.iter_bytes(start))
+    with progress() as bar:
+        task = bar.add_task("prepare", total=n, completed=start, info="")
+        for i, img, ok, sha, note in _imap(pool, _prepare_task, tasks):
+            if img is None:
+                skipped.append((src.items[i].path, note))
+                log.warning("skipped %s: %s", src.items[i].path, note)
+            else:
+                rows.append((i, img, ok, sha, note))
+            bar.advance(task)
+            if len(rows) + len(skipped) >= commit_every:
+                flush(i + 1)
+        flush(n)
+
+
+def _finish(w: StoreWriter, src: Source, cfg: PrepareConfig, tpl: dict | None, t0: float,
+            start: int) -> tuple[PrepareReport, list[tuple[str, str]]]:
+    ok = w.f["stain_ok"][:]
+    notes = list(w.f["note"].asstr()[:])
+    # Count by kind ("too little stain"), not by the exact message with its pixel count.
+    fails = Counter(n.split(" (")[0] for n, o in zip(notes, ok) if not o) if cfg.stain else Counter()
+    other_notes = Counter(n for n, o in zip(notes, ok) if o and n)
+    skipped = w.skipped()
+    settings = {"size": cfg.size, "stain": "macenko" if cfg.stain else "none", "resize": "bicubic",
+                "stain_matrix": tpl["stain_matrix"] if tpl else None,
+                "max_conc": tpl["max_conc"] if tpl else None, "stain_params": asdict(StainParams())}
+    provenance = {
+        "stain": settings["stain"], "template": tpl, "stain_matrix": settings["stain_matrix"],
+        "max_conc": settings["max_conc"], "stain_params": settings["stain_params"],
+        "settings": asdict(cfg), "source": {"kind": src.kind, "path": str(src.root)},
+        "counts": {"items": len(src.items) + len(src.problems), "written": w.n_rows,
+                   "skipped": len(skipped), "stain_failed": int(sum(fails.values()))},
+        "stain_failures": dict(fails), "notes": dict(other_notes), "wbc_version": __version__,
+        "torchstain_version": _torchstain_version(),
+    }
+    present = set(w.f["labels"][:].tolist())
+    for k, c in enumerate(src.class_names):
+        if k not in present and src.kind != "parquet":
+            log.warning("class %r has no usable image", c)
+    content_id = w.finalize(src.class_names, provenance, settings)
+    secs = time.perf_counter() - t0
+    done = len(src.items) - start
+    if fails:
+        log.warning("%d image(s) stored un-normalised (stain_ok=False): %s", sum(fails.values()),
+                    "; ".join(f"{k} x{v}" for k, v in fails.most_common(5)))
+    return PrepareReport(
+        out=w.path, n_items=len(src.items), n_written=w.n_rows, n_skipped=len(skipped),
+        n_stain_failed=int(sum(fails.values())), stain_failures=dict(fails), template=tpl,
+        seconds=secs, images_per_s=done / secs if secs > 0 else 0.0, resumed_from=start,
+        skipped_csv=skipped_csv_path(w.path), content_id=content_id, notes=dict(other_notes)), skipped
+
+
+def _torchstain_version() -> str:
+    from importlib.metadata import version
+
+    return version("torchstain")
+
+
+def skipped_csv_path(store: Path) -> Path:
+    """`cache/images/NAME.h5` -> `cache/images/NAME.skipped.csv`."""
+    return store.with_suffix(".skipped.csv")
+
+
+def _write_skipped_csv(path: Path, skipped: list[tuple[str, str]]) -> None:
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["path", "reason"])
+        wr.writerows(skipped)
