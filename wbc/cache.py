@@ -64,6 +64,14 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def read_attrs(p: Path) -> dict:
+    """Attributes of the zarr group at directory p, read without zarr ({} if none)."""
+    try:
+        return json.loads((p / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return {}
+
+
 def _n_blocks(n: int, rows: int) -> int:
     return max(1, -(-n // rows))
 
@@ -94,9 +102,11 @@ def create_cache(
     path = Path(path)
     gp = group_path(group)
     target = path / gp if gp else path
-    if target.exists():
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):  # empty dir: fine
         if not overwrite:
             raise WbcError(f"{target} already exists; pass --overwrite to replace it")
+        if read_attrs(target).get("format") != FORMAT:
+            raise WbcError(f"refusing to delete {target}: it is not a wbc feature cache")
         shutil.rmtree(target)
     rows = int(chunk_rows or default_chunk_rows(k, d))
     root = zarr.open_group(str(path), mode="a")
@@ -183,6 +193,11 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
+
+    @property
+    def arrays(self) -> dict[str, zarr.Array]:
+        """Every array of the cache by name (features, stage1_logits, labels, index, fold, done)."""
+        return dict(self._g.arrays())
 
     @property
     def class_names(self) -> list[str]:

@@ -1,3 +1,87 @@
-"""CLI commands (placeholder until its issue lands)."""
+"""`wbc extract` and `wbc cache info`: thin wrappers over wbc.engine.extract and wbc.cache."""
 
-from wbc.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from wbc.cli.app import app, cache_app
+from wbc.cli.options import Device, Out, Overwrite, Workers
+from wbc.log import console
+
+
+@app.command("extract")
+def extract_cmd(
+    source: Annotated[Path, typer.Argument(help="Stage-1 best.pt, its fold directory, or a run with one fold.")],
+    store: Annotated[Path, typer.Option("--store", help="HDF5 image store; every row is embedded.")],
+    out: Out,
+    views: Annotated[str, typer.Option(help="View set (d4, rotations, flips, identity) or comma-separated views.")] = "d4",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass, each x K views (0 = 32 GPU / 8 CPU).")] = 0,
+    workers: Workers = 2,
+    device: Device = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per cache chunk (0 = ~4 MiB of features).")] = 0,
+    overwrite: Overwrite = False,
+    other_store: Annotated[bool, typer.Option("--other-store", help="Allow a store the checkpoint was not trained on (external test set).")] = False,
+) -> None:
+    """Embed every image of a store with a frozen Stage-1 backbone under K test-time views (Zarr cache)."""
+    from wbc.engine.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(views=views, batch_size=batch_size, workers=workers, device=device, amp=amp,
+                        chunk_rows=chunk_rows, overwrite=overwrite, other_store=other_store)
+    s = extract(source, store, out, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        t = s["timings"]
+        console.print(f"{s['path']}: {s['rows']} images x {len(s['views'])} views, dim {s['dim']}; "
+                      f"{s['blocks_written']} of {s['blocks']} row blocks written now; "
+                      f"{t['images_per_s']:.1f} images/s ({t['views_per_s']:.1f} views/s)")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cache_app.command("info")
+def info_cmd(
+    path: Annotated[Path, typer.Argument(help="Feature cache (.zarr directory).")],
+    group: Annotated[Optional[str], typer.Option(help="A named variant group (degraded images).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Shapes, views, provenance, completeness and size on disk of a feature cache."""
+    from wbc.cache import cache_info
+
+    info = cache_info(path, group)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    table = Table(title=str(path) + (f" [{group}]" if group else ""), show_header=False)
+    done = f"{info['blocks_done']} of {info['blocks']} row blocks"
+    rows = {
+        "complete": "yes" if info["complete"] else f"NO ({done}; rerun `wbc extract` to resume)",
+        "features": f"{info['shapes']['features']} float16, chunks {info['chunks']}",
+        "stage1_logits": str(info["shapes"]["stage1_logits"]),
+        "rows by fold": ", ".join(f"{k}: {v}" for k, v in info["rows_by_fold"].items()),
+        "views": ", ".join(info["views"] or []),
+        "classes": ", ".join(info["class_names"] or []),
+        "backbone": str(info["backbone"]),
+        "checkpoint sha256": str(info["checkpoint_sha256"]),
+        "store content id": str(info["store_content_id"]),
+        "image transform": str(info["image_transform"] or "none"),
+        "wbc version": str(info["wbc_version"]),
+        "timings": json.dumps(info["timings"]) if info["timings"] else "-",
+        "size on disk": _human(info["size_bytes"]) + (" (with variants)" if info["variants"] else ""),
+        "variants": ", ".join(info["variants"]) or "-",
+    }
+    for k, v in rows.items():
+        table.add_row(k, v)
+    Console().print(table)

@@ -1,0 +1,309 @@
+"""`wbc extract`: embed every image of a store with a frozen Stage-1 backbone under K views, once.
+
+Per row block (R rows, one chunk of the cache): a loader worker reads the stored images, applies
+an optional image transform (degradations, for named variant groups), crops them once with the
+Stage-1 eval geometry (`wbc.data.crop_images`) and hands a pinned uint8 batch over; on the
+device the batch is normalised, expanded into its K views (`wbc.views`), embedded under
+`inference_mode` (AMP and channels_last on CUDA) and its rows are checked for NaN/inf; a writer
+thread stores the block while the next one is computed. Blocks already flagged done are skipped,
+so an interrupted run resumes; under torchrun each rank takes blocks b % world == rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from wbc import __version__
+from wbc.backbones import embed, load_checkpoint, logits_from_embeddings
+from wbc.cache import block_rows, done_blocks, mark_complete, open_for_writing, write_rows
+from wbc.config import file_sha256, to_dict
+from wbc.data import crop_images, normalize
+from wbc.device import amp_dtype
+from wbc.engine.extract_dist import Dist, setup
+from wbc.engine.extract_plan import check_pairing, prepare_output, resolve_checkpoint, row_table
+from wbc.errors import WbcError
+from wbc.log import progress
+from wbc.store import ImageStore, open_store
+from wbc.views import apply_views, resolve_views
+
+log = logging.getLogger(__name__)
+
+# images (B, S, S, 3) uint8, store rows (B,) int64 -> images (B, S, S, 3) uint8. Rows let a
+# transform seed its randomness per image, so resumed and sharded runs give the same pixels.
+ImageFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    views: str = "d4"  # the 8 symmetries of the square: label-preserving and pairwise distinct
+    batch_size: int = 0  # images per forward pass (each gives K views); 0 = 32 on GPU, 8 on CPU
+    workers: int = 2  # loader processes reading + cropping row blocks (0 = in the main process)
+    device: str = "auto"
+    amp: bool = True  # bf16/fp16 autocast on CUDA (features are stored as fp16 anyway); CPU is fp32
+    channels_last: bool = True  # faster convolutions on GPUs and oneDNN CPUs
+    chunk_rows: int = 0  # rows per cache chunk; 0 = ~4 MiB of features (wbc.cache.default_chunk_rows)
+    overwrite: bool = False  # replace an existing complete (or foreign partial) output
+    other_store: bool = False  # allow a store other than the checkpoint's (an external test set)
+
+
+def extract(
+    source: str | Path,
+    store: str | Path | ImageStore,
+    out: str | Path,
+    cfg: ExtractConfig = ExtractConfig(),
+    *,
+    group: str | None = None,
+    image_fn: ImageFn | None = None,
+    image_transform: str | None = None,
+    rows: Sequence[int] | None = None,
+) -> dict:
+    """Extract features of `store` rows (default: all) with the checkpoint at `source`.
+
+    source: best.pt, a fold directory holding it, or a run root with a single fold.
+    group/image_fn/image_transform: write into the named group `variants/<group>` of `out`
+    the features of images passed through image_fn (image_transform names it for provenance).
+    Returns a summary (path, rows, views, dim, blocks written, timings).
+    """
+    if (image_fn is None) != (image_transform is None):
+        raise ValueError("image_fn and image_transform (its name, for provenance) go together")
+    ckpt = resolve_checkpoint(source)
+    st = store if isinstance(store, ImageStore) else open_store(store)
+    views = resolve_views(cfg.views)
+    d = setup(cfg.device)
+    try:
+        with torch.inference_mode():
+            return _run(ckpt, st, Path(out), cfg, views, d, group, image_fn, image_transform, rows)
+    finally:
+        d.close()
+
+
+def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, rows) -> dict:
+    t0 = time.perf_counter()
+    model, meta = load_checkpoint(ckpt, d.device)
+    check_pairing(meta, st, ckpt, cfg.other_store)
+    rows, labels, fold = row_table(st, rows, cfg.other_store)
+    dc = meta["data_config"]
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp = amp_dtype(d.device, cfg.amp)
+    dim = int(embed(model, torch.zeros(1, *dc["input_size"], device=d.device)).shape[1])
+    if d.main:
+        attrs = {
+            "backbone": meta["timm_name"], "backbone_alias": meta.get("alias"),
+            "checkpoint_sha256": file_sha256(ckpt), "checkpoint_path": str(ckpt),
+            "checkpoint_fold": meta.get("fold"), "checkpoint_epoch": meta.get("epoch"),
+            "checkpoint_store_content_id": meta.get("store_content_id"),
+            "store_content_id": st.content_id, "store_path": str(st.path),
+            "views": views, "class_names": list(st.class_names), "data_config": dc,
+            "image_transform": image_transform, "wbc_version": __version__,
+            "amp": str(amp).replace("torch.", "") if amp else None, "device": d.device.type,
+            "config": to_dict(cfg), "created": dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        prepare_output(out, group, attrs, (len(rows), len(views), dim, len(st.class_names)),
+                       rows, labels, fold, cfg.chunk_rows, cfg.overwrite)
+    d.barrier()
+    g = open_for_writing(out, group)
+    done = done_blocks(g)
+    mine = [b for b in range(len(done)) if b % d.world == d.rank and not done[b]]
+    if d.main:
+        log.info("extracting %d rows x %d views (%s, dim %d) on %s into %s%s", len(rows), len(views),
+                 meta["timm_name"], dim, d.device, out, f" [{group}]" if group else "")
+        if done.any():
+            log.info("resuming: %d of %d row blocks already written", int(done.sum()), len(done))
+    err: BaseException | None = None
+    timing: dict = {}
+    try:
+        timing = _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d, image_fn, out)
+    except Exception as e:  # every rank must reach the collective below, or the others hang
+        err = e
+    if d.any(err is not None):
+        if err is not None:
+            raise err
+        raise WbcError("another rank failed (see its message); written blocks are kept: rerun to resume")
+    per_rank = d.gather(timing)
+    d.barrier()
+    wall = time.perf_counter() - t0
+    timings = _merge_timings(per_rank, wall, len(views))
+    if d.main:
+        mark_complete(g, timings=timings)
+        log.info("wrote %s: %d images in %.1f s (%.1f images/s, %.1f views/s)", out,
+                 timings["images"], wall, timings["images_per_s"], timings["views_per_s"])
+    return {"path": str(out), "group": group, "rows": len(rows), "views": views, "dim": dim,
+            "blocks_written": sum(t["blocks"] for t in per_rank), "blocks": len(done),
+            "timings": timings}
+
+
+def _merge_timings(per_rank: list[dict], wall: float, k: int) -> dict:
+    images = sum(t["images"] for t in per_rank)
+    keys = ("load_wait_s", "forward_s", "write_s", "loop_s")
+    return {
+        "total_s": round(wall, 3), "ranks": len(per_rank), "images": images, "views": images * k,
+        "images_per_s": round(images / wall, 2), "views_per_s": round(images * k / wall, 2),
+        **{key: round(max(t[key] for t in per_rank), 3) for key in keys},
+    }
+
+
+class _Blocks(Dataset):
+    """Item i = (block id, uint8 crops (M, 3, h, w)) of the i-th row block to extract."""
+
+    def __init__(self, store, rows, blocks, rows_per_chunk, data_config, image_fn):
+        self.store, self.rows, self.blocks = store, rows, blocks
+        self.r, self.dc, self.image_fn = rows_per_chunk, data_config, image_fn
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        b = self.blocks[i]
+        rows = self.rows[b * self.r: (b + 1) * self.r]
+        images = self.store.images(rows)
+        if self.image_fn is not None:
+            out = self.image_fn(images, rows)
+            if out.shape != images.shape or out.dtype != np.uint8:
+                raise ValueError(f"image_fn returned {out.shape} {out.dtype}, want {images.shape} uint8")
+            images = out
+        return b, crop_images(images, self.dc).contiguous()
+
+
+def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: Dist, image_fn, out) -> dict:
+    cuda = d.device.type == "cuda"
+    r = int(g.attrs["rows_per_chunk"])
+    loader = DataLoader(
+        _Blocks(st, rows, mine, r, dc, image_fn), batch_size=None, shuffle=False,
+        num_workers=cfg.workers, pin_memory=cuda, prefetch_factor=4 if cfg.workers else None,
+    )
+    bs = cfg.batch_size or (32 if cuda else 8)
+    t = {"images": 0, "blocks": 0, "load_wait_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
+    n_mine = sum(min(len(rows), (b + 1) * r) - b * r for b in mine)
+    t_loop = time.perf_counter()
+    bar = progress()
+    bar.disable = bar.disable or not d.main
+    with bar, _Writer(g, out) as writer:
+        task = bar.add_task("extract", total=n_mine, info=f"{len(views)} views")
+        it = iter(loader)
+        while True:
+            t1 = time.perf_counter()
+            item = next(it, None)
+            t2 = time.perf_counter()
+            t["load_wait_s"] += t2 - t1
+            if item is None:
+                break
+            b, crops = item
+            feats, logits = _embed_block(model, crops, dc, views, bs, amp, d.device, cfg.channels_last)
+            t["forward_s"] += time.perf_counter() - t2
+            start, stop = block_rows(g, b)
+            _check_finite(feats, logits, rows[start:stop], st)
+            writer.submit(start, feats, logits)
+            t["images"] += stop - start
+            t["blocks"] += 1
+            bar.advance(task, stop - start)
+    t["write_s"] = writer.seconds
+    t["loop_s"] = time.perf_counter() - t_loop
+    return t
+
+
+def _forward_views(model, crops, dc, views, amp, channels_last):
+    """crops: (B, 3, h, w) uint8 on the device -> embeddings (B, K, D), logits (B, K, C) float32."""
+    k = len(views)
+    x = apply_views(normalize(crops, dc["mean"], dc["std"]), views)  # (K*B, 3, h, w), view-major
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(crops.device.type, dtype=amp) if amp else contextlib.nullcontext():
+        e = embed(model, x)
+        z = logits_from_embeddings(model, e)
+    b = x.shape[0] // k
+    return e.float().view(k, b, -1).transpose(0, 1), z.float().view(k, b, -1).transpose(0, 1)
+
+
+def _embed_block(model, crops, dc, views, bs, amp, device, channels_last):
+    """crops: (M, 3, h, w) uint8 -> features (M, K, D) float16, logits (M, K, C) float32 (numpy)."""
+    feats, logits = [], []
+    for s in range(0, len(crops), bs):
+        x = crops[s: s + bs].to(device, non_blocking=True)
+        e, z = _forward_views(model, x, dc, views, amp, channels_last)
+        feats.append(e.to(torch.float16))
+        logits.append(z)
+    # one device->host copy per block: the GPU keeps running ahead while the writer stores it
+    return torch.cat(feats).cpu().numpy(), torch.cat(logits).cpu().numpy()
+
+
+@torch.inference_mode()
+def embed_views(model, images: np.ndarray, data_config: dict, views: Sequence[str],
+                device: str | torch.device = "cpu", amp: torch.dtype | None = None,
+                channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Stored images (B, S, S, 3) uint8 -> (embeddings (B, K, D), Stage-1 logits (B, K, C)) float32.
+
+    The same crop, normalisation, views and forward as `extract` (for `wbc predict`); the cache
+    holds these embeddings rounded to float16.
+    """
+    crops = crop_images(images, data_config).to(device)
+    e, z = _forward_views(model, crops, data_config, list(views), amp, channels_last)
+    return e.cpu().numpy(), z.cpu().numpy()
+
+
+def _check_finite(feats: np.ndarray, logits: np.ndarray, store_rows: np.ndarray, st) -> None:
+    bad = ~(np.isfinite(feats).all(axis=(1, 2)) & np.isfinite(logits).all(axis=(1, 2)))
+    if bad.any():
+        rows = store_rows[bad]
+        names = ", ".join(st.paths[i] for i in rows[:3])
+        raise WbcError(
+            f"non-finite (NaN/inf) embeddings for {len(rows)} image(s): store rows "
+            f"{rows[:10].tolist()} ({names}); the checkpoint may have diverged, or values overflow "
+            "float16 (try --no-amp). Nothing was marked complete; earlier blocks are kept"
+        )
+
+
+class _Writer:
+    """Writes row blocks on one background thread, at most `depth` blocks behind the compute."""
+
+    def __init__(self, g, out: Path, depth: int = 2):
+        self.g, self.out, self.depth = g, out, depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cache-writer")
+        self.pending: deque[Future] = deque()
+        self.seconds = 0.0
+
+    def submit(self, start: int, feats: np.ndarray, logits: np.ndarray) -> None:
+        while len(self.pending) >= self.depth:
+            self._wait(self.pending.popleft())
+        self.pending.append(self.pool.submit(self._write, start, feats, logits))
+
+    def _write(self, start: int, feats: np.ndarray, logits: np.ndarray) -> None:
+        t = time.perf_counter()
+        write_rows(self.g, start, feats, logits)
+        self.seconds += time.perf_counter() - t
+
+    def _wait(self, fut: Future) -> None:
+        try:
+            fut.result()
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise WbcError(f"disk full while writing {self.out}: written blocks are kept; free "
+                               "space and rerun the same command to resume") from None
+            raise WbcError(f"cannot write {self.out}: {e}") from None
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            while self.pending:  # finish in-flight blocks even when stopping: they are whole
+                fut = self.pending.popleft()
+                if exc_type is None:
+                    self._wait(fut)
+                else:
+                    fut.exception()
+        finally:
+            self.pool.shutdown(wait=True)
