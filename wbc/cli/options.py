@@ -11,3 +11,19 @@ Device = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, c
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output path.")]
 Fold = Annotated[str, typer.Option(help="Validation fold index (0..K-1) or 'all'.")]
 Workers = Annotated[int, typer.Option(help="DataLoader worker processes (0 = main process).")]
+LabelMapOption = Annotated[
+    str | None,
+    typer.Option(
+        "--label-map",
+        help="Map model classes to an external set's labels: MODEL=SET,... (e.g. SNE=NE,BNE=NE) "
+        "or a .yaml/.csv file; classes with the same name map to each other.",
+    ),
+]
+Degradations = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--degradation",
+        help="Degradation to apply (repeatable): gaussian_noise, gaussian_blur, illumination, "
+        "jpeg, stain_jitter, none. Default: all.",
+    ),
+]
