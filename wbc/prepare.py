@@ -25,12 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from wbc import __version__
 from wbc.errors import WbcError
 from wbc.log import progress
-from wbc.sources import ImageDecodeError, Source, decode_image, open_source
+from wbc.sources import ImageDecodeError, Source, decode_image, open_source, resize_square
 from wbc.stain import (
     StainError,
     StainNormalizer,
@@ -118,8 +117,7 @@ def _prepare_task(task: tuple[int, bytes | str, tuple]) -> tuple[int, np.ndarray
                 norm = _NORMALIZERS[stain] = StainNormalizer(he, max_c, StainParams(*params))
             rgb, ok, reason = try_normalize(norm, rgb)
             note = reason if not ok else note
-    out = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
-    return i, out, ok, sha, note
+    return i, resize_square(rgb, size), ok, sha, note
 
 
 def _pool(workers: int):

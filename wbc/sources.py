@@ -99,6 +99,11 @@ def decode_image(data: bytes) -> tuple[np.ndarray, str]:
     return rgb, note
 
 
+def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8, bicubic (aspect not kept: cells are near-square crops)."""
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
+
+
 # -- listing --------------------------------------------------------------------------------
 def open_source(source: str | Path) -> Source:
     """Dispatch on the path: a directory of class folders, a .csv manifest, or .parquet file(s)."""

@@ -60,7 +60,7 @@ def _holdout(idx: np.ndarray, y: np.ndarray, g: np.ndarray, grouped: bool, cfg: 
     test = []
     for k in np.unique(y[idx]):
         rows = rng.permutation(idx[y[idx] == k])
-        test.append(rows[: int(round(cfg.test * len(rows)))])
+        test.append(rows[: round(cfg.test * len(rows))])
     return np.sort(np.concatenate(test))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -154,6 +155,26 @@ def medoid(stain_matrices: Sequence[np.ndarray] | np.ndarray) -> tuple[int, floa
     total = d.sum(axis=1)
     i = int(np.argmin(total))
     return i, float(total[i] / max(len(m) - 1, 1))
+
+
+def preprocess_like_store(source: str | Path | bytes, provenance: dict) -> np.ndarray:
+    """A new image exactly as `wbc prepare` stored it: decode -> RGB -> the store's Macenko
+    template (if any) -> resize to the store's size. Returns (S, S, 3) uint8.
+
+    source: a file path or the file's bytes; provenance: `ImageStore.provenance`. Raises
+    WbcError for unreadable or non-image input; a Macenko failure keeps the image (logged).
+    """
+    from wbc.errors import WbcError
+    from wbc.sources import ImageDecodeError, decode_image, resize_square
+
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        rgb, note = decode_image(data)
+    except (OSError, ImageDecodeError) as e:
+        raise WbcError(f"{source if not isinstance(source, bytes) else '<bytes>'}: {e}") from None
+    if not note.startswith("grayscale"):
+        rgb, _ = normalise_like(provenance, rgb)
+    return resize_square(rgb, int(provenance["settings"]["size"]))
 
 
 def normalise_like(provenance: dict, image: np.ndarray) -> tuple[np.ndarray, bool]:
