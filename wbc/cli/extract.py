@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -54,7 +54,7 @@ def _human(n: int) -> str:
 @cache_app.command("info")
 def info_cmd(
     path: Annotated[Path, typer.Argument(help="Feature cache (.zarr directory).")],
-    group: Annotated[Optional[str], typer.Option(help="A named variant group (degraded images).")] = None,
+    group: Annotated[str | None, typer.Option(help="A named variant group (degraded images).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Shapes, views, provenance, completeness and size on disk of a feature cache."""

@@ -17,10 +17,11 @@ import errno
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Self
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, r
     timing: dict = {}
     try:
         timing = _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d, image_fn, out)
-    except Exception as e:  # every rank must reach the collective below, or the others hang
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank reached the collective
         err = e
     if d.any(err is not None):
         if err is not None:
@@ -294,10 +295,10 @@ class _Writer:
                                "space and rerun the same command to resume") from None
             raise WbcError(f"cannot write {self.out}: {e}") from None
 
-    def __enter__(self) -> "_Writer":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         try:
             while self.pending:  # finish in-flight blocks even when stopping: they are whole
                 fut = self.pending.popleft()

@@ -6,8 +6,8 @@ Everything here refuses bad input with a WbcError before any image is embedded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
