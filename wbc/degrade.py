@@ -70,8 +70,7 @@ HE_REFERENCE = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
 
 # OD of every uint8 value, so unmixing is a table lookup instead of a log per pixel.
 _OD_LUT = -np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0).astype(np.float32)
-
-
+# Standard normal quantiles at 65536 evenly spaced probabilities (see gaussian_noise).
 _NORMAL_LUT = special.ndtri((np.arange(65536) + 0.5) / 65536).astype(np.float32)
 
 
