@@ -1,0 +1,217 @@
+"""Stage-1 training engine and `wbc train` (tiny timm model, tiny synthetic store, CPU)."""
+
+import json
+import multiprocessing as mp
+import os
+import socket
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_tiny_store
+from wbc.backbones import load_checkpoint
+from wbc.cli import main
+from wbc.config import load_config
+from wbc.engine import train_backbone as tb
+from wbc.engine.train_backbone import TrainConfig, train
+from wbc.errors import WbcError
+
+FAST = TrainConfig(backbone="test_resnet", pretrained="none", epochs=3, batch_size=8, crop=32,
+                   lr=3e-3, workers=0, augment="none", seed=0)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_tiny_store(tmp_path_factory.mktemp("store") / "s.h5", n_per_class=10, size=40)
+
+
+def _rows(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_short_run_lowers_loss_and_writes_outputs(store, tmp_path):
+    (run,) = train(store, tmp_path / "r", FAST, fold=1)
+    assert run == tmp_path / "r" / "fold1"
+    rows = _rows(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    for key in ("loss", "lr", "val_mf1", "val_bacc", "val_mp", "val_mspec", "images_per_s"):
+        assert np.isfinite(rows[-1][key])
+    cfg = load_config(TrainConfig, run / "config.yaml")
+    assert cfg.fold == 1 and cfg.resize == 53 and cfg.weight_decay == FAST.weight_decay
+    model, meta = load_checkpoint(run / "best.pt")
+    assert model.get_classifier().out_features == 3
+    assert meta["class_names"] == ["A", "B", "C"] and meta["fold"] == 1 and meta["complete"]
+    assert meta["data_config"]["input_size"] == [3, 32, 32] and meta["store_content_id"]
+    assert meta["epoch"] == max(rows, key=lambda r: r["val_mf1"])["epoch"]
+    assert torch.load(run / "last.pt", weights_only=False)["train_state"]["stopper"]["best_epoch"] == meta["epoch"]
+    with pytest.raises(WbcError, match="--resume"):  # never clobbered silently
+        train(store, tmp_path / "r", FAST, fold=1)
+
+
+def test_resume_matches_uninterrupted_run(store, tmp_path):
+    cfg = TrainConfig(**{**FAST.__dict__, "augment": "randaugment", "accum_steps": 2})
+    (full,) = train(store, tmp_path / "full", cfg, fold=0)
+
+    def interrupt(epoch, model):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(store, tmp_path / "cut", cfg, fold=0, on_epoch_end=interrupt)
+    with pytest.raises(WbcError, match="--resume"):
+        train(store, tmp_path / "cut", cfg, fold=0)
+    with pytest.raises(WbcError, match="lr"):  # other settings would be neither run
+        train(store, tmp_path / "cut", TrainConfig(**{**cfg.__dict__, "lr": 1.0}), fold=0, resume=True)
+    (cut,) = train(store, tmp_path / "cut", cfg, fold=0, resume=True)
+    a, b = _weights(full / "last.pt"), _weights(cut / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["val_mf1"] for r in _rows(full)] == [r["val_mf1"] for r in _rows(cut)]
+    train(store, tmp_path / "cut", cfg, fold=0, resume=True)  # complete: nothing to do
+    assert len(_rows(cut)) == 3
+
+
+def test_sampler_visits_every_sample_once_per_epoch(store, tmp_path, monkeypatch):
+    seen = []
+    real = tb.StoreDataset.__getitem__
+
+    def spy(self, j):
+        if self.transform is not None:  # the training set
+            seen.append(int(self.indices[j]))
+        return real(self, j)
+
+    monkeypatch.setattr(tb.StoreDataset, "__getitem__", spy)
+    train(store, tmp_path / "r", TrainConfig(**{**FAST.__dict__, "epochs": 2, "batch_size": 5}), fold=0)
+    with h5py.File(store) as f:
+        fold = f["fold"][:]
+    train_rows = sorted(np.flatnonzero((fold >= 0) & (fold != 0)).tolist())
+    n = len(train_rows)
+    assert len(seen) == 2 * n
+    assert sorted(seen[:n]) == train_rows and sorted(seen[n:]) == train_rows
+    assert seen[:n] != seen[n:]  # reshuffled each epoch
+
+
+def test_bad_inputs(store, tmp_path):
+    with pytest.raises(WbcError, match="not found"):
+        train(tmp_path / "missing.h5", tmp_path / "r", FAST)
+    with pytest.raises(WbcError, match="out of range"):
+        train(store, tmp_path / "r", FAST, fold=7)
+    with pytest.raises(WbcError, match="unknown backbone"):
+        train(store, tmp_path / "r", TrainConfig(backbone="r51"))
+    with pytest.raises(WbcError, match="multiple"):
+        train(store, tmp_path / "r", TrainConfig(**{**FAST.__dict__, "batch_size": 7, "accum_steps": 2}))
+    with pytest.raises(WbcError, match="unknown augmentation"):
+        train(store, tmp_path / "r", TrainConfig(**{**FAST.__dict__, "augment": "mixup"}))
+
+
+def test_training_folds_missing_a_class_warns(store, tmp_path, caplog):
+    copy = tmp_path / "s.h5"
+    copy.write_bytes(Path(store).read_bytes())
+    with h5py.File(copy, "r+") as f:
+        fold = f["fold"][:]
+        fold[(f["labels"][:] == 2) & (fold >= 0)] = 0  # every CV image of class C in fold 0
+        f["fold"][...] = fold
+    train(copy, tmp_path / "r", TrainConfig(**{**FAST.__dict__, "epochs": 1}), fold=0)
+    assert any("have no C" in r.getMessage() for r in caplog.records)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path):
+    def poison(epoch, model):
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(WbcError, match="epoch 2, step 1.*keeps epoch 1"):
+        train(store, tmp_path / "r", FAST, fold=0, on_epoch_end=poison)
+    last = torch.load(tmp_path / "r" / "fold0" / "last.pt", weights_only=False)
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values()
+                                      if v.is_floating_point())
+
+
+def test_out_of_memory_suggests_accumulation(store, tmp_path, monkeypatch):
+    real = tb.create_backbone
+
+    def oom_model(*a, **k):
+        model = real(*a, **k)
+
+        def boom(*_a, **_k):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        model.forward = boom
+        return model
+
+    monkeypatch.setattr(tb, "create_backbone", oom_model)
+    with pytest.raises(WbcError, match="--accum-steps 2"):
+        train(store, tmp_path / "r", FAST, fold=0)
+
+
+def test_disk_full_keeps_previous_checkpoint(store, tmp_path, monkeypatch):
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(str(f))
+        if len([c for c in calls if "last.pt" in c]) == 2:  # the second epoch's last.pt
+            Path(f).write_bytes(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(WbcError, match="No space left.*intact"):
+        train(store, tmp_path / "r", FAST, fold=0)
+    run = tmp_path / "r" / "fold0"
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
+    assert not list(run.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real)
+    (run,) = train(store, tmp_path / "r", FAST, fold=0, resume=True)  # and it resumes
+    assert [r["epoch"] for r in _rows(run)] == [1, 2, 3]
+
+
+def test_cli_fold_all(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", str(store), "--backbone", "test_resnet", "--pretrained", "none", "--fold", "all",
+            "--epochs", "1", "--batch-size", "8", "--crop", "32", "--workers", "0", "--out", "runs/t"]
+    main(args)
+    assert sorted(p.name for p in (tmp_path / "runs/t").iterdir()) == ["fold0", "fold1", "fold2"]
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(store), "--backbone", "nope_net", "--out", "runs/x"])
+    assert e.value.code == 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank, world, port, store, out, cfg):
+    # What torchrun sets for each process; forked, so nothing is imported again.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(store, out, cfg, fold=0)
+
+
+def test_ddp_two_gloo_processes_match_single_process(store, tmp_path):
+    """2 CPU processes over gloo: same checkpoint shapes as one process, files written once."""
+    cfg = TrainConfig(**{**FAST.__dict__, "epochs": 2, "device": "cpu"})
+    ctx = mp.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, 2, port, store, tmp_path / "ddp", cfg)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    train(store, tmp_path / "one", cfg, fold=0)
+    ddp, one = tmp_path / "ddp" / "fold0", tmp_path / "one" / "fold0"
+    a, b = _weights(ddp / "best.pt"), _weights(one / "best.pt")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert [r["epoch"] for r in _rows(ddp)] == [1, 2]  # rank 1 wrote nothing
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert torch.load(ddp / "last.pt", weights_only=False)["config"]["batch_size"] == 8

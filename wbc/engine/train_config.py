@@ -1,0 +1,32 @@
+"""Stage-1 settings (kept free of torch so the CLI can read its defaults cheaply)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage-1 settings; defaults are the paper's unless a comment says otherwise."""
+
+    backbone: str = "r50"  # alias (r50, r152, swin, lite0..2) or any timm name
+    pretrained: str = "hub"  # hub | none | package | PATH (timm-format state dict)
+    fold: int = 0  # validation fold; training uses the other CV folds
+    epochs: int = 100
+    batch_size: int = 256  # effective batch = micro-batch x accum_steps x processes
+    accum_steps: int = 1  # gradient accumulation when 256 images do not fit at once
+    lr: float = 1e-4  # AdamW
+    weight_decay: float = 0.05  # not given by the paper; the usual AdamW fine-tuning value
+    min_lr: float = 0.0  # cosine annealing floor (per epoch, over `epochs`)
+    patience: int = 10  # early stopping: epochs without a better validation Macro-F1
+    augment: str = "randaugment"  # none | randaugment (wbc.data.AUGMENTS)
+    randaugment_ops: int = 2  # torchvision's defaults
+    randaugment_magnitude: int = 9
+    crop: int = 224  # centre crop side fed to the network
+    resize: int = 0  # side before the crop; 0 keeps the paper's 368/224 ratio (160 -> 263)
+    amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a GradScaler
+    channels_last: bool = True  # CUDA only
+    device: str = "auto"
+    workers: int = 2  # DataLoader worker processes
+    preload: bool = True  # decode and crop every image once into RAM
+    seed: int = 0  # fixes init, sampling order and augmentation
