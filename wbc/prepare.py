@@ -72,6 +72,10 @@ class PrepareReport:
     notes: dict[str, int] = field(default_factory=dict)
 
 
+# spawn: forking after torch has used OpenMP threads in this process can deadlock the children.
+START_METHOD = "spawn"
+
+
 # -- worker side ------------------------------------------------------------------------------
 _NORMALIZERS: dict[tuple, StainNormalizer] = {}
 
@@ -123,8 +127,7 @@ def _prepare_task(task: tuple[int, bytes | str, tuple]) -> tuple[int, np.ndarray
 def _pool(workers: int):
     if workers == 0:
         return None
-    # spawn: forking after torch has run in this process can deadlock OpenMP in the children
-    return mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+    return mp.get_context(START_METHOD).Pool(workers, initializer=_init_worker)
 
 
 def _imap(pool, fn, tasks, window: int = 64):

@@ -381,3 +381,34 @@ class ImageStore:
 def open_store(path: str | Path) -> ImageStore:
     """Open a complete store; WbcError for a missing, foreign or incomplete one."""
     return ImageStore(path)
+
+
+def store_info(path: str | Path) -> dict:
+    """Summary for `wbc info`: class counts per part (test, folds, unused), stain failures per
+    class, skipped files, provenance and split settings. Plain JSON-able values."""
+    s = open_store(path)
+    y = s.labels
+    parts: dict[str, np.ndarray] = {"all": np.ones(len(y), bool)}
+    if s.is_split:
+        parts["test"] = s.folds == -1
+        for k in range(s.num_folds):
+            parts[f"fold{k}"] = s.folds == k
+        if (s.folds == -2).any():
+            parts["unused"] = s.folds == -2
+    names = [*s.class_names, "(unlabelled)"] if (y < 0).any() else list(s.class_names)
+    codes = [*range(len(s.class_names)), -1][: len(names)]
+    counts = {p: [int(((y == c) & m).sum()) for c in codes] for p, m in parts.items()}
+    fails = [int(((y == c) & ~s.stain_ok).sum()) for c in codes]
+    return {"path": str(s.path), "n": len(s), "size": s.size, "content_id": s.content_id,
+            "classes": names, "counts": counts, "stain_failed": fails,
+            "n_stain_failed": int((~s.stain_ok).sum()), "n_skipped": len(s.skipped),
+            "skipped_reasons": _reason_counts(r for _, r in s.skipped),
+            "split": s.split_info, "provenance": s.provenance}
+
+
+def _reason_counts(reasons: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in reasons:
+        key = r.split(" (")[0]
+        out[key] = out.get(key, 0) + 1
+    return out
