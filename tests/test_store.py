@@ -128,3 +128,16 @@ def test_tiny_store_fixture(tmp_path):
     # same seed -> same store content
     p2 = make_tiny_store(tmp_path / "t2.h5")
     assert open_store(p2).content_id == s.content_id
+
+
+def test_rows_after_last_commit_are_dropped_on_resume(tmp_path):
+    images, labels, paths = make_images(["A", "B"], 2, 16, seed=0)
+    p = tmp_path / "r.h5"
+    w = StoreWriter(p, size=16, plan_id="p")
+    w.append(images[:2], labels[:2], paths[:2], [True] * 2, [""] * 2, [""] * 2, ["a", "b"])
+    w.commit(2)
+    w.append(images[2:], labels[2:], paths[2:], [True] * 2, [""] * 2, [""] * 2, ["c", "d"])
+    w.close()  # interrupted between append and commit
+    w = StoreWriter(p, size=16, plan_id="p")
+    assert w.cursor == 2 and w.n_rows == 2 and w.done_paths() == paths[:2]
+    w.close()
