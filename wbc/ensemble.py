@@ -53,17 +53,21 @@ def view_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return softmax(np.asarray(logits, np.float64) / temperature).mean(axis=1)
 
 
-def member_output(member: Member, fold_values: tuple[int, ...] | None = None) -> MemberOutput:
-    """Logits of `member` on the cache rows whose fold is in `fold_values` (None = all rows)."""
+def member_output(member: Member, fold_values: tuple[int, ...] | None = None,
+                  group: str | None = None) -> MemberOutput:
+    """Logits of `member` on the cache rows whose fold is in `fold_values` (None = all rows).
+
+    group: a named variant group of the cache (e.g. degraded copies of the test images).
+    """
     from wbc.cache import open_cache  # lazy: keeps this module importable without zarr loaded
 
-    cache = open_cache(member.cache)
-    fold = np.asarray(cache.fold[:])
+    cache = open_cache(member.cache, group=group)
+    fold = np.asarray(cache.fold)
     rows = np.arange(len(fold)) if fold_values is None else np.flatnonzero(np.isin(fold, fold_values))
     if len(rows) == 0:
         raise WbcError(f"{member.cache}: no rows with fold in {list(fold_values or [])}")
     if member.head is None:
-        logits = np.asarray(cache.arrays["stage1_logits"][:], np.float32)[rows]
+        logits = cache.read("stage1_logits", rows).astype(np.float32)
     else:
         from wbc.heads import load_head
 
@@ -74,12 +78,11 @@ def member_output(member: Member, fold_values: tuple[int, ...] | None = None) ->
                 f"{member.cache} classes {list(cache.class_names)}"
             )
         check_head_matches_cache(head, cache, member)
-        feats = np.asarray(cache.features[:], np.float32)[rows]
-        logits = head.logits(feats)
+        logits = head.logits(cache.read("features", rows).astype(np.float32))
     return MemberOutput(
         logits=np.asarray(logits, np.float32),
-        labels=np.asarray(cache.labels[:])[rows].astype(np.int64),
-        index=np.asarray(cache.arrays["index"][:])[rows].astype(np.int64),
+        labels=np.asarray(cache.labels)[rows].astype(np.int64),
+        index=np.asarray(cache.index)[rows].astype(np.int64),
         class_names=list(cache.class_names),
     )
 
