@@ -161,7 +161,7 @@ class StackedLoss:
     @classmethod
     def build(cls, specs: list[LossSpec], counts) -> StackedLoss:
         ps = [loss_params(s, counts) for s in specs]
-        f32 = dict(dtype=torch.float32)
+        f32 = {"dtype": torch.float32}
         return cls(
             alpha=torch.tensor(np.stack([p.alpha for p in ps]), **f32),
             gamma=torch.tensor([p.gamma for p in ps], **f32),

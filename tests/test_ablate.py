@@ -1,0 +1,90 @@
+"""The batched grid trainer equals training each head alone; streaming; `wbc ablate` tables."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from tests.test_heads import long_tailed, run_cli, write_cache
+from wbc.engine.ablate import grid_specs
+from wbc.engine.feature_source import FeatureTable, StreamedSource, make_source, split_rows
+from wbc.engine.train_heads import TrainConfig, fit_heads
+from wbc.losses import LossSpec
+
+CFG = TrainConfig(epochs=12, batch_size=32, lr=1e-2, patience=3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def table():
+    d = long_tailed(counts=(120, 50, 20, 9), k=3, d=12, seed=4)
+    return FeatureTable(d["features"], d["labels"], d["fold"], d["class_names"], rows_per_block=16)
+
+
+def _fit(table, specs, stream=False, cfg=CFG):
+    train, val = split_rows(table, 0)
+    source = make_source(table, train, val, memory_bytes=3 * 16 * 3 * 12 * 2, stream=stream)
+    return fit_heads(source, table.labels[train], table.labels[val], specs, cfg, 4, 12)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_grid_heads_equal_heads_trained_alone(table, stream):
+    specs = grid_specs(["cb_focal_hybrid"], [0.9, 0.999], [0.0, 2.0], [0.0, 1.0]) + [
+        LossSpec("ce"), LossSpec("logit_adjusted"), LossSpec("balanced_softmax")]
+    grid = _fit(table, specs, stream)
+    stops = {len(f.history) for f in grid}
+    assert len(stops) > 1, "heads should stop at different epochs to exercise per-head early stopping"
+    for spec, g in zip(specs, grid):
+        (alone,) = _fit(table, [spec], stream)
+        assert g.best_epoch == alone.best_epoch and len(g.history) == len(alone.history), spec.label()
+        np.testing.assert_allclose(g.weight, alone.weight, rtol=1e-4, atol=1e-5, err_msg=spec.label())
+        np.testing.assert_allclose(g.bias, alone.bias, rtol=1e-4, atol=1e-5, err_msg=spec.label())
+        assert [h["mf1"] for h in g.history] == pytest.approx([h["mf1"] for h in alone.history])
+
+
+def test_streamed_epoch_serves_exactly_the_draws_with_bounded_window(table):
+    train, val = split_rows(table, 0)
+    block_bytes = 16 * 3 * 12 * 2
+    src = StreamedSource(table, train, val, memory_bytes=2 * block_bytes + 1)
+    assert src.window_blocks == 2 and src.resident_bytes <= 2 * block_bytes + 1
+    rng = np.random.default_rng(0)
+    rows = rng.integers(len(train), size=3 * len(train))
+    views = rng.integers(3, size=len(rows))
+    seen, sizes = [], []
+    for x, pos in src.batches(rows, views, 32, np.random.default_rng(1)):
+        expected = table.features[train[rows[pos]], views[pos]].astype(np.float32)
+        np.testing.assert_array_equal(x.numpy(), expected)
+        seen.append(pos)
+        sizes.append(len(pos))
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(len(rows)))
+    assert all(s == 32 for s in sizes[:-1])  # full batches except the epoch's last
+    got = np.concatenate([x.numpy() for _, x in src.val_chunks()])
+    order = np.concatenate([sel for sel, _ in src.val_chunks()])
+    np.testing.assert_array_equal(got[np.argsort(order)], table.features[val].astype(np.float32))
+
+
+def test_grid_specs_drop_settings_a_loss_ignores():
+    assert len(grid_specs(["cb_focal_hybrid"], [0.99, 0.999, 0.9999], [0, 1, 2], [0, 0.5, 1])) == 27
+    assert [s.label() for s in grid_specs(["ce", "cb_ce"], [0.9, 0.99], [0, 2], [0.5])] == [
+        "ce", "cb_ce beta=0.9", "cb_ce beta=0.99"]
+
+
+def test_ablate_cli_tables_best_marked_and_resume(tmp_path, capsys):
+    d = long_tailed(counts=(120, 50, 20, 9), k=3, d=12, seed=5)
+    cache = write_cache(tmp_path / "c.zarr", d, chunk_rows=16)
+    out = tmp_path / "ab"
+    args = ["ablate", cache, "--out", out, "--beta", "0.9,0.999", "--gamma", "0,2", "--lam", "0,1",
+            "--epochs", "8", "--batch-size", "32", "--lr", "1e-2", "--threads", "1"]
+    assert run_cli(*args) == 0
+    rows = list(csv.DictReader((out / "ablate.csv").open()))
+    assert len(rows) == 8 and sum(int(r["best"]) for r in rows) == 1
+    best = max(rows, key=lambda r: float(r["mf1_mean"]))
+    assert best["best"] == "1"
+    assert all(len(r["best_epochs"].split()) == 3 for r in rows)  # one per fold
+    md = (out / "ablate.md").read_text()
+    assert md.count("| * ") == 1 and "±" in md and best["label"] in md
+    assert "Loss ablation" in capsys.readouterr().err
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "folds").iterdir()}
+    assert run_cli(*args) == 0  # every fold is reused
+    assert {p: p.stat().st_mtime_ns for p in (out / "folds").iterdir()} == stamps
+    assert run_cli(*args[:-2], "--lam", "0.5") == 2  # another grid into the same --out
+    assert run_cli("ablate", cache, "--out", tmp_path / "x", "--beta", "0.9,1.2") == 2

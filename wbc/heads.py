@@ -1,0 +1,146 @@
+"""Stage-2 linear heads: file format (docs/ARCHITECTURE.md section 4), tau-normalisation,
+logit adjustment, and view-averaged probabilities.
+
+A head maps one view's embedding (D,) to C logits: z = (W / ||W_j||^tau) x + b + logit_adjust.
+Its probability for an image is the softmax of each view's logits, averaged over the K views.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wbc.errors import WbcError
+
+FORMAT = "wbc.stage2/1"
+TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0 .. 2.0, as in the cRT paper's sweep
+ROWS_PER_CHUNK = 4096  # rows of (K, D) features converted to float32 at a time (bounds memory)
+
+
+def tau_normalise(weight: torch.Tensor | np.ndarray, tau: float) -> torch.Tensor:
+    """W_j / ||W_j||^tau per class row (Kang et al. 2020). weight: (C, D) -> (C, D)."""
+    w = torch.as_tensor(weight, dtype=torch.float32)
+    if tau == 0:
+        return w
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)
+
+
+def prior_adjustment(counts, tau: float = 1.0) -> np.ndarray:
+    """Post-hoc logit adjustment -tau * log prior (Menon et al. 2021). counts: (C,) -> (C,)."""
+    n = np.asarray(counts, dtype=np.float64)
+    return (-tau * np.log(n / n.sum())).astype(np.float32)
+
+
+def view_mean_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes of each view, averaged over views. (..., K, C) -> (..., C)."""
+    return torch.softmax(logits.float(), dim=-1).mean(dim=-2)
+
+
+@dataclass
+class Head:
+    """A trained Stage-2 head. weight: (C, D), bias: (C,), logit_adjust: (C,) or None."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    class_names: list[str]
+    tau: float = 0.0
+    logit_adjust: np.ndarray | None = None
+    cache: dict = field(default_factory=dict)  # ids of the cache it was trained on
+    config: dict = field(default_factory=dict)
+    fold: int = -1
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W', b') with tau-normalisation and logit adjustment folded in: (C, D), (C,)."""
+        w = tau_normalise(self.weight, self.tau)
+        b = torch.as_tensor(self.bias, dtype=torch.float32).clone()
+        if self.logit_adjust is not None:
+            b = b + torch.as_tensor(self.logit_adjust, dtype=torch.float32)
+        return w, b
+
+    def logits(self, features) -> np.ndarray:
+        """features: (N, K, D) float16/float32 (numpy, torch or zarr) -> (N, K, C) float32 logits."""
+        n, _, d = features.shape
+        if d != self.dim:
+            raise WbcError(f"head expects {self.dim}-dim features, got {d}: was it trained on another backbone?")
+        w, b = self.effective()
+        out = []
+        for a in range(0, n, ROWS_PER_CHUNK):
+            x = torch.as_tensor(np.asarray(features[a: a + ROWS_PER_CHUNK])).float()
+            out.append((x @ w.t() + b).numpy())
+        return np.concatenate(out) if out else np.zeros((0, features.shape[1], self.num_classes), np.float32)
+
+    def probs(self, features) -> np.ndarray:
+        """features: (N, K, D) -> (N, C): softmax of each view's logits, averaged over views."""
+        return view_mean_softmax(torch.from_numpy(self.logits(features))).numpy()
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "weight": torch.as_tensor(self.weight, dtype=torch.float32).contiguous(),
+            "bias": torch.as_tensor(self.bias, dtype=torch.float32).contiguous(),
+            "tau": float(self.tau),
+            "logit_adjust": None if self.logit_adjust is None else torch.as_tensor(self.logit_adjust),
+            "class_names": list(self.class_names),
+            "cache": dict(self.cache),
+            "config": dict(self.config),
+            "fold": int(self.fold),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write head.pt atomically (a partial file never replaces a complete one)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.to_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+
+def load_head(path: str | Path) -> Head:
+    """Read a head.pt written by `wbc crt`; WbcError for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WbcError(f"head not found: {path}; train it with `wbc crt`")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise WbcError(f"{path} is not a readable head file ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        fmt = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise WbcError(f"{path} is not a Stage-2 head (format {fmt!r}, expected {FORMAT!r})")
+    la = d.get("logit_adjust")
+    return Head(
+        weight=d["weight"].numpy(),
+        bias=d["bias"].numpy(),
+        class_names=list(d["class_names"]),
+        tau=float(d.get("tau", 0.0)),
+        logit_adjust=None if la is None else np.asarray(la, dtype=np.float32),
+        cache=dict(d.get("cache", {})),
+        config=dict(d.get("config", {})),
+        fold=int(d.get("fold", -1)),
+    )
+
+
+def raw_view_logits(weight, features: torch.Tensor) -> torch.Tensor:
+    """Bias-free dot products per view, the input of `tau_sweep`. features: (N, K, D) -> (N, K, C)."""
+    return features.float() @ torch.as_tensor(weight, dtype=torch.float32).t()
+
+
+def tau_logits(raw: torch.Tensor, weight, bias, tau: float, adjust=None) -> torch.Tensor:
+    """Logits of the tau-normalised head from `raw_view_logits` (a column scale: no new matmul)."""
+    w = torch.as_tensor(weight, dtype=torch.float32)
+    scale = w.norm(dim=1).clamp_min(1e-12).pow(-tau) if tau else torch.ones(w.shape[0])
+    z = raw * scale + torch.as_tensor(bias, dtype=torch.float32)
+    return z if adjust is None else z + torch.as_tensor(adjust, dtype=torch.float32)
