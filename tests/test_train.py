@@ -215,3 +215,11 @@ def test_ddp_two_gloo_processes_match_single_process(store, tmp_path):
     assert [r["epoch"] for r in _rows(ddp)] == [1, 2]  # rank 1 wrote nothing
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in one.iterdir())
     assert torch.load(ddp / "last.pt", weights_only=False)["config"]["batch_size"] == 8
+
+
+def test_throughput_probe_runs_both_precisions():
+    from wbc.engine.throughput import amp_speedup
+
+    r = amp_speedup("test_resnet", batch_size=2, image_size=32, steps=1, warmup=1, device="cpu")
+    assert r["fp32"]["images_per_s"] > 0 and r["amp"]["images_per_s"] > 0 and r["speedup"] > 0
+    assert r["amp"]["amp"] == "fp32"  # autocast is CUDA-only in Stage 1: CPU stays fp32
