@@ -85,3 +85,17 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(WbcError, match="cannot read"):
         load_checkpoint(tmp_path / "trunc.pt")
+
+
+def test_fixed_size_models_follow_the_crop(tmp_path):
+    """ViT/Swin are built for one input size: a smaller crop rebuilds them at that size."""
+    model = create_backbone("test_vit", 3, crop=32).eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    assert create_backbone(TINY, 3, crop=32).default_cfg["input_size"][-1] != 32  # CNNs untouched
+    torch.save({
+        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "timm_name": "test_vit",
+        "alias": "test_vit", "class_names": ["A", "B", "C"], "store_content_id": "abc", "fold": 0,
+        "config": {}, "data_config": data_config(model, crop=32), "epoch": 1,
+    }, tmp_path / "vit.pt")
+    loaded, _ = load_checkpoint(tmp_path / "vit.pt")
+    assert loaded(torch.randn(1, 3, 32, 32)).shape == (1, 3)

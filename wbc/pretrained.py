@@ -69,7 +69,9 @@ def _from_file(timm_name: str, num_classes: int, path: Path, **kwargs: Any) -> n
         state = timm.models.load_state_dict(str(path))
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
         raise WbcError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
-    probe = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    # Compare with the model at its native input size: timm resamples position tables itself.
+    native = {k: v for k, v in kwargs.items() if k != "img_size"}
+    probe = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **native)
     head = probe.pretrained_cfg.get("classifier") or ()
     head = (head,) if isinstance(head, str) else tuple(head)
     body = {k: v.shape for k, v in probe.state_dict().items() if not k.startswith(head)}

@@ -25,7 +25,7 @@ def train_throughput(
     dtype = amp_dtype(dev, amp)
     cl = channels_last and dev.type == "cuda"
     torch.manual_seed(0)
-    model = create_backbone(backbone, num_classes, "none").to(dev).train()
+    model = create_backbone(backbone, num_classes, "none", crop=image_size).to(dev).train()
     if cl:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

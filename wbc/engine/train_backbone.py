@@ -128,7 +128,7 @@ def train_fold(
 
     torch.manual_seed(cfg.seed)  # head init (and random init with --pretrained none)
     # A resume takes every weight from last.pt, so it never needs the hub again.
-    model = create_backbone(timm_name, n_cls, "none" if ckpt else cfg.pretrained)
+    model = create_backbone(timm_name, n_cls, "none" if ckpt else cfg.pretrained, crop=cfg.crop)
     dcfg = data_config(model, cfg.crop, cfg.resize)
     aug = train_transform(cfg.augment, num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
     train_ds = StoreDataset(store, train_idx, dcfg, transform=aug, preload=cfg.preload)
