@@ -101,6 +101,12 @@ def test_sampler_visits_every_sample_once_per_epoch(store, tmp_path, monkeypatch
 def test_bad_inputs(store, tmp_path):
     with pytest.raises(WbcError, match="not found"):
         train(tmp_path / "missing.h5", tmp_path / "r", FAST)
+    partial = tmp_path / "partial.h5"
+    partial.write_bytes(Path(store).read_bytes())
+    with h5py.File(partial, "r+") as f:
+        f.attrs["complete"] = False  # as an interrupted `wbc prepare` leaves it
+    with pytest.raises(WbcError, match="incomplete"):
+        train(partial, tmp_path / "r", FAST)
     with pytest.raises(WbcError, match="out of range"):
         train(store, tmp_path / "r", FAST, fold=7)
     with pytest.raises(WbcError, match="unknown backbone"):
