@@ -120,8 +120,8 @@ def write_report(rows: list[RowResult], class_names: list[str], out_dir: Path, t
     out_dir.mkdir(parents=True, exist_ok=True)
     best = best_row(rows)
     md = [f"# {title}", "", markdown_table(rows), "",
-          "Values are percent, mean ± std over folds; best **bold**, second <u>underlined</u>; "
-          "ECE: lower is better.", ""]
+          ("Values are percent, mean ± std over folds; best **bold**, second <u>underlined</u>; "
+          "ECE: lower is better."), ""]
     absent = sorted({class_names[i] for r in rows for f in r.folds for i in f["absent"]})
     if absent:
         md += [f"Classes absent from the test set (not averaged): {', '.join(absent)}", ""]

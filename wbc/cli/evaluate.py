@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -42,26 +42,27 @@ def parse_model(text: str, folds: list[int]):
     name, cache, head = parts[0], parts[1], parts[2] if len(parts) == 3 else None
     caches = tuple(Path(cache.replace("{fold}", str(k))) for k in folds)
     heads = tuple(Path(head.replace("{fold}", str(k))) for k in folds) if head else ()
-    if len(folds) > 1 and "{fold}" not in cache:
-        raise WbcError(f"--model {name}: several folds need '{{fold}}' in the cache path")
     return ModelSpec(name, caches, heads)
 
 
 @app.command()
 def evaluate(
-    model: ModelOpt = [],
+    model: ModelOpt = None,
     folds: Annotated[str, typer.Option(help="Fold indices, e.g. 0,1,2,3,4.")] = "0,1,2,3,4",
     out: Out = Path("reports/table1"),
     calibrate: Annotated[bool, typer.Option(help="Fit a temperature per member on its validation fold.")] = False,
     title: Annotated[str, typer.Option(help="Report title.")] = "Held-out test",
+    ensembles: Annotated[bool, typer.Option(help="Add pairwise and all-model ensemble rows.")] = True,
 ) -> None:
     """Table 1 on the held-out test: supervised, decoupled and ensemble rows, mean +- std over folds."""
     from wbc.engine.evaluate import evaluate_table
     from wbc.report import rich_table, write_report
 
+    if model is None:
+        model = []
     fold_list = parse_folds(folds)
     models = [parse_model(m, fold_list) for m in model]
-    rows, classes = evaluate_table(models, fold_list, calibrate=calibrate)
+    rows, classes = evaluate_table(models, fold_list, calibrate=calibrate, ensembles=ensembles)
     paths = write_report(rows, classes, out, title, extra={"folds": fold_list, "calibrated": calibrate})
     console.print(rich_table(rows, title))
     console.print(f"report: {paths['md']}  json: {paths['json']}  confusion: {paths['png']}")

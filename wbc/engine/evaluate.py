@@ -15,8 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from wbc.ensemble import Member, MemberOutput, check_compatible, fit_temperature, member_output
-from wbc.ensemble import view_probs
+from wbc.ensemble import (
+    Member,
+    MemberOutput,
+    check_compatible,
+    fit_temperature,
+    member_output,
+    view_probs,
+)
 from wbc.errors import WbcError
 from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
 
@@ -49,13 +55,13 @@ class RowResult:
         return float(v.mean()), float(v.std())
 
 
-def table_rows(models: list[ModelSpec]) -> list[tuple[str, str, tuple[str, ...], bool]]:
+def table_rows(models: list[ModelSpec], ensembles: bool = True) -> list[tuple[str, str, tuple[str, ...], bool]]:
     """(row name, kind, member names, decoupled?) in the paper's order."""
     rows = [(f"Supervised {m.name}", "supervised", (m.name,), False) for m in models]
     rows += [(f"Decoupled {m.name}", "decoupled", (m.name,), True) for m in models if m.heads]
     decoupled = all(m.heads for m in models)
     names = [m.name for m in models]
-    if len(models) >= 2:
+    if ensembles and len(models) >= 2:
         prefix = "Ensemble" if decoupled else "Supervised ensemble"
         kind = "ensemble"
         for a, b in itertools.combinations(names, 2):
@@ -92,11 +98,12 @@ def _outputs(models, k, decoupled_names, fold_values, memo):
 
 
 def evaluate_table(
-    models: list[ModelSpec], folds: list[int], calibrate: bool = False, ece_bins: int = 15
+    models: list[ModelSpec], folds: list[int], calibrate: bool = False, ece_bins: int = 15,
+    ensembles: bool = True,
 ) -> tuple[list[RowResult], list[str]]:
     """Score every Table-1 row on the held-out test for each fold. Returns (rows, class_names)."""
     validate_models(models, folds)
-    rows = table_rows(models)
+    rows = table_rows(models, ensembles)
     memo: dict = {}
     results = [RowResult(name, kind, members) for name, kind, members, _ in rows]
     class_names: list[str] = []

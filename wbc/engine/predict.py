@@ -153,7 +153,7 @@ def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
 
     ens = load_ensemble(ensemble_path)
     dev = resolve_device(device)
-    paths, labels = list_images(source)
+    paths, _labels = list_images(source)
     members = [_Member(m, dev) for m in ens.members]
     rows, failed, all_probs = [], [], []
     with progress() as bar:
