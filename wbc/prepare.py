@@ -19,8 +19,10 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,6 +86,8 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)  # parallelism comes from processes; threads would oversubscribe
+    # Ctrl-C goes to the whole process group: let the parent alone handle it (commit, shut down).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _estimate_task(task: tuple[int, bytes | str]) -> tuple[int, list | None, list | None, str]:
@@ -124,25 +128,19 @@ def _prepare_task(task: tuple[int, bytes | str, tuple]) -> tuple[int, np.ndarray
     return i, resize_square(rgb, size), ok, sha, note
 
 
-def _pool(workers: int):
-    if workers == 0:
-        return None
-    return mp.get_context(START_METHOD).Pool(workers, initializer=_init_worker)
-
-
-def _imap(pool, fn, tasks, window: int = 64):
+def _imap(pool: ProcessPoolExecutor | None, fn, tasks, window: int = 64):
     """Ordered map with at most `window` tasks in flight (Pool.imap would read every source
-    image into its queue up front)."""
+    image into its queue up front). A worker that dies raises BrokenProcessPool, never a hang."""
     if pool is None:
         yield from map(fn, tasks)
         return
     pending: deque = deque()
     for t in tasks:
-        pending.append(pool.apply_async(fn, (t,)))
+        pending.append(pool.submit(fn, t))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 # -- main side --------------------------------------------------------------------------------
@@ -240,18 +238,18 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
 
 
 class _pool_ctx:
-    """A worker pool (or None for in-process work) that is terminated on any exit."""
+    """A worker pool (or None for in-process work) that is shut down on any exit."""
 
     def __init__(self, workers: int):
-        self.pool = _pool(workers)
+        self.pool = None if workers == 0 else ProcessPoolExecutor(
+            workers, mp_context=mp.get_context(START_METHOD), initializer=_init_worker)
 
-    def __enter__(self):
+    def __enter__(self) -> ProcessPoolExecutor | None:
         return self.pool
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_rows(w: StoreWriter, src: Source, label_index: dict, pool, job: tuple,
