@@ -111,3 +111,11 @@ def test_medoid_and_provenance_round_trip(images):
     np.testing.assert_array_equal(out, norm.normalize(source))
     same, ok = normalise_like({"stain": "none"}, source)
     assert ok and same is source
+
+
+def test_stained_pixel_count_matches_optical_density_definition(images):
+    img = np.concatenate([images[0].reshape(-1, 3), np.arange(256, dtype=np.uint8).repeat(3).reshape(-1, 3)])
+    od = -np.log((img.astype(np.float32) + 1) / 240)
+    from wbc.stain import stained_pixels
+
+    assert stained_pixels(img[:, None]) == int((od >= 0.15).all(axis=1).sum())

@@ -141,3 +141,19 @@ def test_rows_after_last_commit_are_dropped_on_resume(tmp_path):
     w = StoreWriter(p, size=16, plan_id="p")
     assert w.cursor == 2 and w.n_rows == 2 and w.done_paths() == paths[:2]
     w.close()
+
+
+def test_encoded_images_round_trip(tmp_path):
+    from wbc.store import encode_image
+
+    images, labels, paths = make_images(["A", "B"], 2, 24, seed=2)
+    w = StoreWriter(tmp_path / "e.h5", size=24, plan_id="p")
+    enc = [encode_image(im, "lzf") for im in images]
+    assert len(enc[0].data) < images[0].nbytes  # compressed off the writer
+    w.append(enc, labels, paths, [True] * 4, [""] * 4, [""] * 4, list("abcd"))
+    with pytest.raises(ValueError, match="store wants"):
+        w.append([encode_image(images[0], "gzip")], [0], ["x"], [True], [""], [""], ["e"])
+    w.commit(4)
+    w.finalize(["A", "B"], {}, {})
+    w.close()
+    np.testing.assert_array_equal(open_store(tmp_path / "e.h5").images(range(4)), images)

@@ -40,7 +40,7 @@ from wbc.stain import (
     medoid,
     try_normalize,
 )
-from wbc.store import StoreWriter
+from wbc.store import EncodedImage, StoreWriter, encode_image
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,10 @@ def _estimate_task(task: tuple[int, bytes | str]) -> tuple[int, list | None, lis
         return i, None, None, str(e)
 
 
-def _prepare_task(task: tuple[int, bytes | str, tuple]) -> tuple[int, np.ndarray | None, bool, str, str]:
-    """-> (index, image (S,S,3) uint8 or None if skipped, stain_ok, sha256, note or skip reason)."""
-    i, payload, (size, stain) = task
+def _prepare_task(task: tuple[int, bytes | str, tuple]) -> tuple[int, EncodedImage | None, bool, str, str]:
+    """-> (index, stored image as a compressed chunk or None if skipped, stain_ok, sha256,
+    note or skip reason)."""
+    i, payload, (size, stain, compression) = task
     if isinstance(payload, str):
         return i, None, False, "", payload
     sha = hashlib.sha256(payload).hexdigest()
@@ -125,7 +126,7 @@ def _prepare_task(task: tuple[int, bytes | str, tuple]) -> tuple[int, np.ndarray
                 norm = _NORMALIZERS[stain] = StainNormalizer(he, max_c, StainParams(*params))
             rgb, ok, reason = try_normalize(norm, rgb)
             note = reason if not ok else note
-    return i, resize_square(rgb, size), ok, sha, note
+    return i, encode_image(resize_square(rgb, size), compression), ok, sha, note
 
 
 def _imap(pool: ProcessPoolExecutor | None, fn, tasks, window: int = 64):
@@ -231,7 +232,8 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
         if cfg.stain:
             stain_key = (tuple(map(tuple, tpl["stain_matrix"])), tuple(tpl["max_conc"]),
                          tuple(asdict(StainParams()).values()))
-        _write_rows(w, src, label_index, pool, (cfg.size, stain_key), cfg.commit_every, start)
+        job = (cfg.size, stain_key, cfg.compression)
+        _write_rows(w, src, label_index, pool, job, cfg.commit_every, start)
         report, skipped = _finish(w, src, cfg, tpl, t0, start)
     _write_skipped_csv(report.skipped_csv, skipped)
     return report
@@ -261,7 +263,7 @@ def _write_rows(w: StoreWriter, src: Source, label_index: dict, pool, job: tuple
     def flush(cursor: int) -> None:
         if rows:
             its = [src.items[r[0]] for r in rows]
-            w.append(np.stack([r[1] for r in rows]),
+            w.append([r[1] for r in rows],
                      [label_index[it.label] if it.label is not None else -1 for it in its],
                      [it.path for it in its], [r[2] for r in rows], [it.group for it in its],
                      [it.split for it in its], [r[3] for r in rows], [r[4] for r in rows])

@@ -51,10 +51,18 @@ def _to_chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)
 
 
+def _max_stained_value(io: float, beta: float) -> int:
+    """Largest uint8 value whose optical density -log((v + 1) / io) reaches beta (float32, as
+    torchstain computes it); -1 if none."""
+    v = np.arange(256, dtype=np.float32)
+    ok = -np.log((v + 1) / np.float32(io)) >= np.float32(beta)
+    return int(v[ok].max()) if ok.any() else -1
+
+
 def stained_pixels(image: np.ndarray, params: StainParams = StainParams()) -> int:
-    """How many pixels Macenko would use (OD >= beta in every channel)."""
-    od = -np.log((image.reshape(-1, 3).astype(np.float32) + 1) / params.io)
-    return int((od >= params.beta).all(axis=1).sum())
+    """How many pixels Macenko would use (OD >= beta in every channel). OD falls as the value
+    rises, so that is max over channels <= a threshold: an integer test, ~10x cheaper than logs."""
+    return int((image.max(axis=2) <= _max_stained_value(params.io, params.beta)).sum())
 
 
 def _guard(image: np.ndarray, params: StainParams) -> None:

@@ -13,10 +13,12 @@ resumes from the cursor instead of restarting.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -54,6 +56,28 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image as a store chunk, compressed off the writer's process (see `encode_image`)."""
+
+    data: bytes
+    filter_mask: int
+    size: int
+    compression: str | None
+
+
+def encode_image(image: np.ndarray, compression: str | None = "lzf") -> EncodedImage:
+    """Compress one (S, S, 3) uint8 image into the store's chunk format.
+
+    Worker processes call this so the writer only copies bytes (`write_direct_chunk`): with
+    many workers, compressing in the single writing process would be the bottleneck.
+    """
+    with h5py.File(io.BytesIO(), "w") as f:
+        ds = f.create_dataset("x", data=image[None], chunks=(1, *image.shape), compression=compression)
+        mask, data = ds.id.read_direct_chunk((0, 0, 0, 0))
+    return EncodedImage(bytes(data), int(mask), int(image.shape[0]), compression)
 
 
 def compute_content_id(source_sha256: Sequence[str], labels: Sequence[int], settings: dict) -> str:
@@ -156,7 +180,7 @@ class StoreWriter:
     # -- writing ---------------------------------------------------------------------------
     def append(
         self,
-        images: np.ndarray,
+        images: np.ndarray | Sequence[EncodedImage],
         labels: Sequence[int],
         paths: Sequence[str],
         stain_ok: Sequence[bool],
@@ -165,26 +189,42 @@ class StoreWriter:
         source_sha256: Sequence[str],
         notes: Sequence[str] | None = None,
     ) -> None:
-        """Append B rows. images: (B, S, S, 3) uint8."""
-        images = np.asarray(images)
+        """Append B rows. images: (B, S, S, 3) uint8, or B `EncodedImage`s from `encode_image`
+        (compressed by the caller, e.g. in worker processes; written as raw chunks)."""
         b = len(images)
         if b == 0:
             return
-        if images.shape[1:] != (self.size, self.size, 3) or images.dtype != np.uint8:
-            raise ValueError(f"images must be (B, {self.size}, {self.size}, 3) uint8, got "
-                             f"{images.shape} {images.dtype}")
+        encoded = isinstance(images[0], EncodedImage)
+        if encoded:
+            self._check_encoded(images)
+        else:
+            images = np.asarray(images)
+            if images.shape[1:] != (self.size, self.size, 3) or images.dtype != np.uint8:
+                raise ValueError(f"images must be (B, {self.size}, {self.size}, 3) uint8, got "
+                                 f"{images.shape} {images.dtype}")
         cols = {"labels": labels, "paths": paths, "stain_ok": stain_ok, "group": groups,
                 "source_split": source_splits, "source_sha256": source_sha256,
                 "note": notes if notes is not None else [""] * b}
         n = self.n_rows
-        self.f["images"].resize(n + b, axis=0)
-        self.f["images"][n:] = images
+        ds = self.f["images"]
+        ds.resize(n + b, axis=0)
+        if encoded:
+            for k, e in enumerate(images):
+                ds.id.write_direct_chunk((n + k, 0, 0, 0), e.data, filter_mask=e.filter_mask)
+        else:
+            ds[n:] = images
         for name, values in cols.items():
             if len(values) != b:
                 raise ValueError(f"{name}: {len(values)} values for {b} images")
             ds = self.f[name]
             ds.resize(n + b, axis=0)
             ds[n:] = np.asarray(values, dtype=object if ds.dtype == _STR else ds.dtype)
+
+    def _check_encoded(self, images: Sequence[EncodedImage]) -> None:
+        want = (self.size, self.f["images"].compression)
+        for e in images:
+            if (e.size, e.compression) != want:
+                raise ValueError(f"encoded image is {(e.size, e.compression)}, store wants {want}")
 
     def add_skipped(self, items: Sequence[tuple[str, str]]) -> None:
         """Record (path, reason) pairs of source files that could not be used."""
