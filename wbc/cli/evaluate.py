@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from wbc.cli.app import app, ensemble_app
-from wbc.cli.options import Device, Out
+from wbc.cli.options import Device, LabelMapOption, Out
 from wbc.errors import WbcError
 from wbc.log import console
 
@@ -49,15 +49,31 @@ def parse_model(text: str, folds: list[int]):
 def evaluate(
     model: ModelOpt = None,
     folds: Annotated[str, typer.Option(help="Fold indices, e.g. 0,1,2,3,4.")] = "0,1,2,3,4",
-    out: Out = Path("reports/table1"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Report directory (default reports/table1; reports/external with --external).")] = None,
     calibrate: Annotated[bool, typer.Option(help="Fit a temperature per member on its validation fold.")] = False,
-    title: Annotated[str, typer.Option(help="Report title.")] = "Held-out test",
+    title: Annotated[str | None, typer.Option(help="Report title.")] = None,
     ensembles: Annotated[bool, typer.Option(help="Add pairwise and all-model ensemble rows.")] = True,
+    ensemble: Annotated[Path | None, typer.Option(help="ENSEMBLE.yaml (from `wbc ensemble save`), with --external.")] = None,
+    external: Annotated[Path | None, typer.Option(
+        help="Labelled set from elsewhere: CSV with image,label columns or a folder of class folders; "
+        "classified through the full predict path of --ensemble.")] = None,
+    label_map: LabelMapOption = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (with --external).")] = 32,
+    device: Device = "auto",
 ) -> None:
-    """Table 1 on the held-out test: supervised, decoupled and ensemble rows, mean +- std over folds."""
+    """Table 1 on the held-out test (supervised, decoupled and ensemble rows, mean +- std over folds),
+    or with --external an ensemble scored on a labelled set from elsewhere."""
+    if external is not None or ensemble is not None:
+        if model:
+            raise WbcError("--model scores cached features, --external an --ensemble's images: give one or the other")
+        _external(ensemble, external, label_map, out or Path("reports/external"), batch_size, device, title)
+        return
     from wbc.engine.evaluate import evaluate_table
     from wbc.report import rich_table, write_report
 
+    out = out or Path("reports/table1")
+    title = title or "Held-out test"
     if model is None:
         model = []
     fold_list = parse_folds(folds)
@@ -68,17 +84,36 @@ def evaluate(
     console.print(f"report: {paths['md']}  json: {paths['json']}  confusion: {paths['png']}")
 
 
+def _external(ensemble, external, label_map, out, batch_size, device, title) -> None:
+    from wbc.engine.external import evaluate_external, rich_rows
+
+    if ensemble is None or external is None:
+        raise WbcError("external evaluation needs both --ensemble ENSEMBLE.yaml and --external MANIFEST")
+    res = evaluate_external(ensemble, external, out, label_map, batch_size=batch_size, device=device,
+                            title=title)
+    console.print(rich_rows(res.rows, f"{external} ({res.rows[-1].folds[0]['n']} images scored)"))
+    lm = res.label_map
+    console.print(f"model classes with no counterpart: {', '.join(lm.unmapped_model) or 'none'}; "
+                  f"set labels the model cannot produce: {', '.join(lm.unscorable) or 'none'}")
+    if res.failed:
+        console.print(f"[yellow]{len(res.failed)} images could not be read; listed in {res.paths['failed']}[/]")
+    console.print(f"report: {res.paths['md']}  json: {res.paths['json']}  confusion: {res.paths['png']}")
+
+
 @ensemble_app.command("save")
 def ensemble_save(
     member: Annotated[list[str], typer.Option("--member", help="CHECKPOINT[:HEAD], repeatable.")],
     store: Annotated[Path, typer.Option(help="Image store whose stain template the members were trained on.")],
     views: Annotated[str, typer.Option(help="View set name or comma-separated view names.")] = "d4",
     out: Out = Path("ensemble.yaml"),
+    cache: Annotated[list[Path] | None, typer.Option(
+        "--cache", help="The member's feature cache, once per --member in the same order "
+        "(optional; `wbc robustness` needs it).")] = None,
 ) -> None:
     """Write ENSEMBLE.yaml (checkpoints, heads, stain template, class names, views) for `wbc predict`."""
     from wbc.engine.predict import save_ensemble
 
-    path = save_ensemble(member, store, views, out)
+    path = save_ensemble(member, store, views, out, caches=cache or None)
     console.print(f"ensemble written: {path}")
 
 

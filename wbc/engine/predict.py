@@ -32,8 +32,13 @@ def _rel(path: Path, base: Path) -> str:
     return os.path.relpath(Path(path).resolve(), base.resolve())
 
 
-def save_ensemble(members: list[str], store_path: Path, views: str, out: Path) -> Path:
-    """Write ENSEMBLE.yaml. members: 'CHECKPOINT[:HEAD]' strings. Paths are stored relative to it."""
+def save_ensemble(members: list[str], store_path: Path, views: str, out: Path,
+                  caches: list[str | Path] | None = None) -> Path:
+    """Write ENSEMBLE.yaml. members: 'CHECKPOINT[:HEAD]' strings. Paths are stored relative to it.
+
+    caches: optional feature cache per member (same order), made from that member's checkpoint
+    and this store; recorded as the member's `cache` (needed by `wbc robustness`).
+    """
     from wbc.backbones import load_checkpoint
     from wbc.heads import load_head
     from wbc.store import open_store
@@ -41,11 +46,14 @@ def save_ensemble(members: list[str], store_path: Path, views: str, out: Path) -
 
     if not members:
         raise WbcError("no --member given: pass CHECKPOINT[:HEAD] at least once")
+    if caches and len(caches) != len(members):
+        raise WbcError(f"{len(caches)} --cache for {len(members)} --member: give one cache per member, "
+                       "in the same order")
     store = open_store(store_path)
     out = Path(out)
     base = out.parent if str(out.parent) else Path(".")
     entries, classes = [], list(store.class_names)
-    for text in members:
+    for i, text in enumerate(members):
         ckpt, _, head = text.partition(":")
         _, meta = load_checkpoint(ckpt)
         if list(meta["class_names"]) != classes:
@@ -62,6 +70,8 @@ def save_ensemble(members: list[str], store_path: Path, views: str, out: Path) -
             h = load_head(head)
             if list(h.class_names) != classes:
                 raise WbcError(f"{head}: classes {list(h.class_names)} differ from {classes}")
+        if caches:
+            entry["cache"] = _rel(_checked_cache(caches[i], ckpt, store), base)
         entries.append(entry)
     doc = {"format": FORMAT, "class_names": classes, "views": resolve_views(views),
            "store": {"path": _rel(Path(store_path), base), "content_id": store.content_id,
@@ -71,12 +81,20 @@ def save_ensemble(members: list[str], store_path: Path, views: str, out: Path) -
     return out
 
 
+def _checked_cache(cache: str | Path, ckpt: str, store) -> Path:
+    """The member's feature cache, refused unless made from its checkpoint and this store."""
+    from wbc.cache import open_cache
+
+    open_cache(cache, checkpoint=ckpt, store=store)
+    return Path(cache)
+
+
 @dataclass
 class Ensemble:
     class_names: list[str]
     views: list[str]
     provenance: dict
-    members: list[dict]  # name, checkpoint (abs Path), head (abs Path | None)
+    members: list[dict]  # name, checkpoint (abs Path), head (abs Path | None), cache (abs Path | None)
 
 
 def load_ensemble(path: Path) -> Ensemble:
@@ -94,7 +112,8 @@ def load_ensemble(path: Path) -> Ensemble:
             raise WbcError(f"{path}: member checkpoint {ckpt} not found")
         if file_sha256(ckpt) != m["checkpoint_sha256"]:
             raise WbcError(f"{path}: checkpoint {ckpt} changed since the ensemble was saved (sha256 differs)")
-        members.append({**m, "checkpoint": ckpt, "head": base / m["head"] if m.get("head") else None})
+        members.append({**m, "checkpoint": ckpt, "head": base / m["head"] if m.get("head") else None,
+                        "cache": base / m["cache"] if m.get("cache") else None})
     return Ensemble(doc["class_names"], doc["views"], doc["store"]["provenance"], members)
 
 

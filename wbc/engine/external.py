@@ -1,0 +1,250 @@
+"""External evaluation: an ensemble classifies a labelled set from another lab, scored over its labels.
+
+The images go through the full `wbc predict` path (decode -> the training store's stain template ->
+resize -> each member's crop, K views, backbone, head -> softmax averaged over views), then
+`wbc.labelmap` maps the model's classes onto the set's (often coarser) labels: the probability of
+a set label is the sum over the model classes mapped to it. Model classes with no counterpart and
+set labels the model cannot produce are listed in the report, never silently dropped.
+
+Rows: each member (when there are several), then the ensemble (mean of the members' view-averaged
+softmax). One labelled set, so every metric is a single value (no folds).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from wbc.device import resolve_device
+from wbc.engine.evaluate import RowResult
+from wbc.errors import WbcError
+from wbc.labelmap import LabelMap
+from wbc.log import progress
+from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
+
+log = logging.getLogger(__name__)
+KEYS = (*HEADLINE, "ece")
+LABELS = {"mf1": "MF1", "bacc": "BAcc", "mp": "MP", "mspec": "MSpec", "ece": "ECE"}
+
+
+@dataclass
+class ExternalResult:
+    """rows: members then the ensemble (one 'fold' each); labels: the scored set labels."""
+
+    rows: list[RowResult]
+    labels: list[str]
+    label_map: LabelMap
+    paths: dict[str, Path]
+    n_images: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def read_labelled(source: str | Path) -> tuple[list[Path], list[str]]:
+    """Image paths and labels of a labelled set.
+
+    source: a CSV with `image` (relative to the CSV) and `label` columns, or a folder of class
+    sub-folders (label = the first folder under it).
+    """
+    from wbc.engine.predict import list_images
+
+    source = Path(source)
+    paths, labels = list_images(source)
+    if source.is_dir():
+        labels = [p.relative_to(source).parts[0] if len(p.relative_to(source).parts) > 1 else None
+                  for p in paths]
+    missing = [str(p) for p, y in zip(paths, labels) if not y]
+    if missing:
+        raise WbcError(f"{source}: {len(missing)} image(s) have no label (e.g. {missing[0]}); an external "
+                       "set needs a CSV with image,label columns or a folder of class sub-folders")
+    return paths, [str(y) for y in labels]
+
+
+def member_probs(ensemble, paths: list[Path], batch_size: int = 32, device: str = "auto"):
+    """Each member's view-averaged probabilities through the predict path.
+
+    Returns probs (M, N_ok, C) float64, ok (N,) bool (image readable), failed [(path, reason)].
+    """
+    from wbc.engine.predict import _Member
+    from wbc.ensemble import view_probs
+    from wbc.stain import preprocess_like_store
+
+    dev = resolve_device(device)
+    members = [_Member(m, dev) for m in ensemble.members]
+    out: list[list[np.ndarray]] = [[] for _ in members]
+    ok = np.zeros(len(paths), bool)
+    failed = []
+    with progress() as bar:
+        task = bar.add_task("external", total=len(paths), info=f"{len(members)} members")
+        for start in range(0, len(paths), batch_size):
+            batch = []
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    batch.append(preprocess_like_store(paths[i], ensemble.provenance))
+                    ok[i] = True
+                except WbcError as e:
+                    failed.append((str(paths[i]), str(e)))
+            if batch:
+                imgs = np.stack(batch)
+                for j, m in enumerate(members):
+                    out[j].append(view_probs(m.logits(imgs, ensemble.views, dev)))
+            bar.advance(task, min(batch_size, len(paths) - start))
+    c = len(ensemble.class_names)
+    probs = np.stack([np.concatenate(p) if p else np.zeros((0, c)) for p in out])
+    return probs, ok, failed
+
+
+def row_names(members: list[dict]) -> list[str]:
+    """Member names made unique (the same checkpoint may appear with two heads)."""
+    seen: Counter = Counter()
+    names = []
+    for m in members:
+        base = str(m.get("name") or Path(m["checkpoint"]).stem)
+        seen[base] += 1
+        names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return names
+
+
+def score_row(name: str, kind: str, members: tuple[str, ...], probs: np.ndarray,
+              labels: list[str], lm: LabelMap, ece_bins: int = 15) -> RowResult:
+    """Metrics of one row after mapping. probs: (N, C_model); labels: (N,) set labels."""
+    s = lm.score(probs, labels)
+    m = classification_metrics(s.y_true, s.y_pred, len(s.labels))
+    fold = {**{k: m[k] for k in HEADLINE}, "acc": m["acc"],
+            "ece": expected_calibration_error(s.probs, s.y_true, ece_bins),
+            "f1_per_class": m["per_class"]["f1"].tolist(), "absent": m["absent"].tolist(),
+            "coverage": float(s.coverage.mean()) if len(s.coverage) else float("nan"),
+            "n": len(s.y_true)}
+    return RowResult(name, kind, members, folds=[fold], confusion=m["confusion"])
+
+
+def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | Path,
+                      label_map: str | Path | None = None, batch_size: int = 32,
+                      device: str = "auto", title: str | None = None) -> ExternalResult:
+    """Classify and score the labelled set `source`; write report.md/json, confusion.png and
+    predictions.csv under `out`. label_map: `MODEL=SET,...`, a .yaml/.csv file, or None."""
+    from wbc.engine.predict import load_ensemble
+
+    ens = load_ensemble(Path(ensemble_path))
+    paths, labels = read_labelled(source)
+    set_labels = sorted(set(labels))
+    lm = LabelMap.parse(label_map, ens.class_names, set_labels)  # bad maps fail before any forward
+    probs, ok, failed = member_probs(ens, paths, batch_size, device)
+    if not ok.any():
+        raise WbcError(f"{source}: none of the {len(paths)} images could be read (e.g. {failed[0][1]})")
+    y = [lab for lab, good in zip(labels, ok) if good]
+    if not set(y) & set(lm.scored_labels):
+        raise WbcError(f"{source}: no readable image has a label the model can produce "
+                       f"({lm.scored_labels}); check --label-map")
+    names = row_names(ens.members)
+    rows = []
+    if len(names) > 1:
+        rows = [score_row(n, "member", (n,), p, y, lm) for n, p in zip(names, probs)]
+    ens_name = f"Ensemble ({len(names)} members)" if len(names) > 1 else names[0]
+    ensemble = probs.mean(axis=0)
+    rows.append(score_row(ens_name, "ensemble", tuple(names), ensemble, y, lm))
+    dropped = lm.score(ensemble, y).dropped
+    out = Path(out)
+    title = title or f"External set {Path(source).name}"
+    paths_out = write_external_report(rows, lm, out, title, {
+        "source": str(source), "ensemble": str(ensemble_path), "n_images": len(paths),
+        "n_scored": rows[-1].folds[0]["n"], "dropped": dropped, "failed": failed,
+        "set_counts": dict(Counter(labels)),
+    })
+    paths_out["predictions"] = _write_predictions(
+        out / "predictions.csv", [p for p, good in zip(paths, ok) if good], y, ensemble, lm)
+    if failed:
+        paths_out["failed"] = out / "failed.csv"
+        with open(paths_out["failed"], "w", newline="") as f:
+            csv.writer(f).writerows([("image", "reason"), *failed])
+        log.warning("%d images could not be read (listed in %s)", len(failed), paths_out["failed"])
+    return ExternalResult(rows, lm.scored_labels, lm, paths_out, len(paths), failed, dropped)
+
+
+def _write_predictions(path: Path, paths: list[Path], labels: list[str], probs: np.ndarray,
+                       lm: LabelMap) -> Path:
+    """Per image: its label, the predicted set label, the model's own class, coverage, probs."""
+    mass = probs @ lm.matrix()
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "predicted", "model_class", "coverage",
+                    *[f"prob_{c}" for c in lm.model_classes]])
+        for p, y, q, m in zip(paths, labels, probs, mass):
+            w.writerow([str(p), y, lm.scored_labels[int(m.argmax())], lm.model_classes[int(q.argmax())],
+                        f"{m.sum():.4f}", *[f"{v:.4f}" for v in q]])
+    return path
+
+
+def _ranked(rows: list[RowResult]) -> list[list[tuple[str, int]]]:
+    from wbc.report import ranks
+
+    cols = []
+    for k in KEYS:
+        vals = [r.folds[0][k] for r in rows]
+        rk = ranks(vals, lower_better=k == "ece")
+        cols.append([(f"{100 * v:.1f}", rk[i]) for i, v in enumerate(vals)])
+    return [list(c) for c in zip(*cols)]
+
+
+def markdown_rows(rows: list[RowResult]) -> str:
+    """Single-set table: values in percent, best **bold**, second <u>underlined</u>."""
+    lines = ["| Model | " + " | ".join(LABELS[k] for k in KEYS) + " | coverage | n |",
+             "|---|" + "---:|" * (len(KEYS) + 2)]
+    for r, cells in zip(rows, _ranked(rows)):
+        fmt = [f"**{t}**" if rk == 0 else f"<u>{t}</u>" if rk == 1 else t for t, rk in cells]
+        f = r.folds[0]
+        lines.append(f"| {r.name} | " + " | ".join(fmt) + f" | {100 * f['coverage']:.1f} | {f['n']} |")
+    return "\n".join(lines)
+
+
+def rich_rows(rows: list[RowResult], title: str) -> Table:
+    t = Table(title=title)
+    t.add_column("Model")
+    for k in KEYS:
+        t.add_column(LABELS[k], justify="right")
+    t.add_column("n", justify="right")
+    for r, cells in zip(rows, _ranked(rows)):
+        fmt = [f"[bold]{s}[/]" if rk == 0 else f"[underline]{s}[/]" if rk == 1 else s for s, rk in cells]
+        t.add_row(r.name, *fmt, str(r.folds[0]["n"]))
+    return t
+
+
+def write_external_report(rows: list[RowResult], lm: LabelMap, out: Path, title: str,
+                          extra: dict) -> dict[str, Path]:
+    """report.md, report.json and confusion.png (the ensemble row) under out."""
+    from wbc.report import confusion_png, per_class_table, to_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    labels = lm.scored_labels
+    md = [f"# {title}", "", (f"{extra['n_scored']} of {extra['n_images']} images scored over the set's "
+          f"labels {', '.join(labels)}."), "", markdown_rows(rows), "",
+          ("Values are percent; best **bold**, second <u>underlined</u>; ECE: lower is better. "
+          "Coverage: mean probability the model put on classes that map to a set label."), "",
+          "## Label map", "", "| model class | set label |", "|---|---|"]
+    md += [f"| {c} | {lm.mapping.get(c, '(no counterpart: probability dropped)')} |" for c in lm.model_classes]
+    md += ["", f"Model classes with no counterpart in the set: {', '.join(lm.unmapped_model) or 'none'}",
+           "", f"Set labels the model cannot produce (not scored): {', '.join(lm.unscorable) or 'none'}"]
+    if extra["dropped"]:
+        md += ["", "Images left out of the metrics (label not producible): "
+               + ", ".join(f"{k} x{v}" for k, v in extra["dropped"].items())]
+    if extra["failed"]:
+        md += ["", f"Unreadable images (not scored, listed in failed.csv): {len(extra['failed'])}"]
+    absent = sorted({labels[i] for r in rows for i in r.folds[0]["absent"]})
+    if absent:
+        md += ["", f"Labels with no scored image (not averaged): {', '.join(absent)}"]
+    md += ["", "## Per-class F1", "", per_class_table(rows, labels), "",
+           f"Confusion matrix of {rows[-1].name}: confusion.png", ""]
+    paths = {"md": out / "report.md", "json": out / "report.json", "png": out / "confusion.png"}
+    paths["md"].write_text("\n".join(md))
+    doc = to_json(rows, labels, {**extra, "label_map": lm.to_dict(), "unmapped_model": lm.unmapped_model,
+                                 "unscorable": lm.unscorable})
+    paths["json"].write_text(json.dumps(doc, indent=1, default=float))
+    confusion_png(rows[-1].confusion, labels, rows[-1].name, paths["png"])
+    return paths

@@ -1,0 +1,369 @@
+"""`wbc robustness`: an ensemble's rows scored on degraded copies of the held-out test images.
+
+For each member (Stage-1 checkpoint, head, and the feature cache made from it) and each
+(degradation, severity), the stored test images are degraded with seed = store row and embedded
+once, through `extract`'s image hook, into the member's cache under the named group
+`degraded.<name>.<severity>` (plus a short id when a subset of rows or views is asked for). A rerun,
+or a new Stage-2 head on the same cache, reads them back instead of running the backbone again.
+Severity 0 is the clean test set, read from the cache's own rows.
+
+Degradations act on the stored images, i.e. AFTER Macenko normalisation: a stain jitter applied
+before it would be largely undone by the normalisation (see wbc/degrade.py). `stain_jitter`
+unmixes with the store's template stain matrix (the reference matrix for a --no-stain store).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wbc.cache import group_path, open_cache, open_group, read_attrs
+from wbc.degrade import DEGRADATIONS, MAX_SEVERITY, degrade_batch, describe, names
+from wbc.ensemble import Member, member_output, view_probs
+from wbc.errors import WbcError
+from wbc.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+TEST = -1
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    degradations: tuple[str, ...] = ()  # () = every registered degradation except `none`
+    severities: tuple[int, ...] = (1, 2, 3, 4)  # 0 (clean) is always scored, from the main cache
+    max_images: int = 0  # 0 = every held-out test row; else a stratified subset (CPU budgets)
+    seed: int = 0  # draws that subset
+    views: str = ""  # views of the degraded extraction; "" = the cache's own views
+    batch_size: int = 0  # extraction: images per forward pass (0 = 32 GPU / 8 CPU)
+    workers: int = 2  # extraction: loader processes (they also run the degradations)
+    device: str = "auto"
+    amp: bool = True
+
+
+@dataclass
+class RobustnessResult:
+    """records: one dict per (row, degradation, severity) with mf1, bacc, n."""
+
+    rows: list[str]
+    records: list[dict]
+    summary: list[dict]
+    paths: dict[str, Path] = field(default_factory=dict)
+    extracted: list[str] = field(default_factory=list)  # "member: group" written this run
+    reused: list[str] = field(default_factory=list)  # "member: group" read back
+
+
+class Degrader:
+    """extract's image_fn: `degrade_batch` with seed = store row (picklable for loader workers)."""
+
+    def __init__(self, name: str, severity: int, stain_matrix=None):
+        self.name, self.severity = name, int(severity)
+        self.options = {"stain_matrix": np.asarray(stain_matrix)} if name == "stain_jitter" and stain_matrix is not None else {}
+
+    def __call__(self, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return degrade_batch(self.name, images, self.severity, rows, **self.options)
+
+
+def transform_id(name: str, severity: int) -> str:
+    """Provenance of a degraded group; the severity table's hash makes a changed table stale."""
+    table = hashlib.sha256(describe().encode()).hexdigest()[:8]
+    return f"wbc.degrade:{name}:{severity}:seed=store-row:table={table}"
+
+
+def resolve_degradations(given) -> list[str]:
+    """Names to run (default: all but `none`); an unknown name lists the registered ones."""
+    chosen = list(given) if given else [n for n in names() if n != "none"]
+    for n in chosen:
+        DEGRADATIONS.get(n)
+    return list(dict.fromkeys(chosen))
+
+
+def resolve_severities(given) -> list[int]:
+    bad = [s for s in given if not 0 <= int(s) <= MAX_SEVERITY]
+    if bad:
+        raise WbcError(f"severities must be integers 0..{MAX_SEVERITY}, got {bad}")
+    return sorted({int(s) for s in given} - {0})
+
+
+def stratified_subset(rows: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most n of `rows`, per class in proportion to its count (>= 1 each when n allows), seeded."""
+    rows, labels = np.asarray(rows), np.asarray(labels)
+    if n <= 0 or n >= len(rows):
+        return np.sort(rows)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / counts.sum()
+    take = np.floor(quota).astype(int)
+    if n >= len(classes):
+        take = np.maximum(take, 1)
+    while take.sum() < n:  # largest remainders first, among classes with rows left
+        take[np.argmax(np.where(take < counts, quota - take, -np.inf))] += 1
+    while take.sum() > n:  # the >= 1 floor overshot: trim the most over-served class
+        take[np.argmax(np.where(take > 1, take - quota, -np.inf))] -= 1
+    rng = np.random.default_rng(seed)
+    pick = [rng.permutation(rows[labels == c])[:t] for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(pick))
+
+
+def group_name(name: str, severity: int, suffix: str = "") -> str:
+    return f"degraded.{name}.{severity}" + (f".{suffix}" if suffix else "")
+
+
+def _suffix(rows: np.ndarray, all_rows: np.ndarray, views: list[str], cache_views: list[str]) -> str:
+    """'' for the default extraction (every test row, the cache's views), else a short id of both."""
+    if np.array_equal(rows, np.sort(all_rows)) and views == cache_views:
+        return ""
+    h = hashlib.sha256(np.asarray(rows, np.int64).tobytes() + ",".join(views).encode())
+    return h.hexdigest()[:8]
+
+
+def group_state(cache: Path, group: str, want: dict, rows: np.ndarray) -> str:
+    """'absent', 'complete' (reusable), 'resume' (partial, same extraction) or 'stale'."""
+    target = cache / group_path(group)
+    if not target.is_dir() or not any(target.iterdir()):
+        return "absent"
+    attrs = read_attrs(target)
+    same = all(attrs.get(k) == v for k, v in want.items()) and attrs.get("num_rows") == len(rows)
+    if same:
+        same = np.array_equal(open_group(cache, group)["index"][:], rows)
+    if not same:
+        return "stale"
+    return "complete" if attrs.get("complete") else "resume"
+
+
+@dataclass
+class _Plan:
+    """One member: its checkpoint, head, cache and the views/rows shared by every member."""
+
+    name: str
+    checkpoint: Path
+    head: Path | None
+    cache: Path
+    sha: str
+
+
+def plan_members(ens, store, caches: list[Path] | None) -> list[_Plan]:
+    from wbc.engine.external import row_names
+
+    if caches and len(caches) != len(ens.members):
+        raise WbcError(f"{len(caches)} --cache for {len(ens.members)} ensemble members: give one per member")
+    plans = []
+    for i, (name, m) in enumerate(zip(row_names(ens.members), ens.members)):
+        cache = Path(caches[i]) if caches else m.get("cache")
+        if cache is None:
+            raise WbcError(f"ensemble member {name} has no feature cache: save the ensemble with "
+                           "`wbc ensemble save ... --cache CACHE` per member, or pass --cache per member")
+        c = open_cache(cache, checkpoint=m["checkpoint"], store=store)
+        plans.append(_Plan(name, Path(m["checkpoint"]), m.get("head"), Path(cache), c.attrs["checkpoint_sha256"]))
+    return plans
+
+
+def choose_rows_and_views(plans: list[_Plan], cfg: RobustnessConfig, store):
+    """(all test rows, chosen rows (sorted), their labels, views, cache views) shared by members."""
+    from wbc.views import resolve_views
+
+    caches = [open_cache(p.cache) for p in plans]
+    tests = [np.sort(c.index[c.fold == TEST]) for c in caches]
+    if len(tests[0]) == 0:
+        raise WbcError(f"{plans[0].cache} has no held-out test rows (fold -1)")
+    for p, t in zip(plans[1:], tests[1:]):
+        if not np.array_equal(t, tests[0]):
+            raise WbcError(f"{p.cache} and {plans[0].cache} hold different test rows; extract every "
+                           "member from the same image store")
+    cache_views = caches[0].views
+    views = resolve_views(cfg.views) if cfg.views else cache_views
+    for p, c in zip(plans, caches):
+        missing = [v for v in views if v not in c.views]
+        if missing:
+            raise WbcError(f"--views {missing} are not in {p.cache} (views {c.views}): the clean "
+                           "point is read from the cache, so choose among its views")
+    labels = np.asarray(store.labels)[tests[0]]
+    rows = stratified_subset(tests[0], labels, cfg.max_images, cfg.seed)
+    return tests[0], rows, np.asarray(store.labels)[rows].astype(np.int64), views, cache_views
+
+
+def ensure_groups(plans, store, rows, all_rows, views, cache_views, degs, sevs, cfg, result) -> dict:
+    """Extract every missing (member, degradation, severity) group; returns {(d, s): group name}."""
+    from wbc.engine.extract import ExtractConfig, extract
+
+    suffix = _suffix(rows, all_rows, views, cache_views)
+    he = store.provenance.get("stain_matrix") if store.provenance.get("stain") == "macenko" else None
+    groups = {(d, s): group_name(d, s, suffix) for d in degs for s in sevs}
+    total, i = len(plans) * len(groups), 0
+    for p in plans:
+        for (d, s), g in groups.items():
+            i += 1
+            want = {"checkpoint_sha256": p.sha, "store_content_id": store.content_id, "views": views,
+                    "image_transform": transform_id(d, s)}
+            state = group_state(p.cache, g, want, rows)
+            tag = f"{p.name}: {g}"
+            if state == "complete":
+                log.info("[%d/%d] %s: reused from %s", i, total, tag, p.cache)
+                result.reused.append(tag)
+                continue
+            if state == "stale":
+                log.warning("[%d/%d] %s: stale group (other rows, views or table); re-extracting", i, total, tag)
+            log.info("[%d/%d] %s: extracting %d images x %d views", i, total, tag, len(rows), len(views))
+            ecfg = ExtractConfig(views=",".join(views), batch_size=cfg.batch_size, workers=cfg.workers,
+                                 device=cfg.device, amp=cfg.amp, overwrite=state == "stale")
+            extract(p.checkpoint, store, p.cache, ecfg, group=g, image_fn=Degrader(d, s, he),
+                    image_transform=transform_id(d, s), rows=rows)
+            result.extracted.append(tag)
+    return groups
+
+
+def _probs(p: _Plan, rows: np.ndarray, vidx: list[int], groups: dict) -> dict:
+    """View-averaged probabilities (N, C) of one member: key 'clean' and (degradation, severity)."""
+    member = Member(p.cache, p.head)
+    clean = member_output(member, (TEST,))
+    pos = {int(r): i for i, r in enumerate(clean.index)}
+    out = {"clean": view_probs(clean.logits[[pos[int(r)] for r in rows]][:, vidx])}
+    for key, g in groups.items():
+        o = member_output(member, None, group=g)
+        if not np.array_equal(o.index, rows):
+            raise WbcError(f"{p.cache} group {g} holds other rows than asked; rerun to re-extract it")
+        out[key] = view_probs(o.logits)
+    return out
+
+
+def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Path,
+               cfg: RobustnessConfig = RobustnessConfig(), caches: list[Path] | None = None) -> RobustnessResult:
+    """Score each member and the ensemble per degradation x severity on the held-out test rows of
+    `store_path`; write robustness.md/.json/.csv/.png under `out`. caches override the members'."""
+    from wbc.engine.predict import load_ensemble
+    from wbc.store import open_store
+
+    degs, sevs = resolve_degradations(cfg.degradations), resolve_severities(cfg.severities)
+    ens = load_ensemble(Path(ensemble_path))
+    store = open_store(store_path)
+    plans = plan_members(ens, store, caches)
+    all_rows, rows, labels, views, cache_views = choose_rows_and_views(plans, cfg, store)
+    result = RobustnessResult(rows=[], records=[], summary=[])
+    groups = ensure_groups(plans, store, rows, all_rows, views, cache_views, degs, sevs, cfg, result)
+    vidx = [cache_views.index(v) for v in views]
+    per_member = {p.name: _probs(p, rows, vidx, groups) for p in plans}
+    if len(plans) > 1:
+        per_member[f"Ensemble ({len(plans)} members)"] = {
+            k: np.mean([pm[k] for pm in per_member.values()], axis=0) for k in ["clean", *groups]}
+    c = len(ens.class_names)
+    for row, probs in per_member.items():
+        clean = _metrics(labels, probs["clean"], c)
+        for d in degs:
+            result.records.append({"row": row, "degradation": d, "severity": 0, **clean})
+            for s in sevs:
+                result.records.append({"row": row, "degradation": d, "severity": s,
+                                       **_metrics(labels, probs[(d, s)], c)})
+    result.rows = list(per_member)
+    result.summary = summarise(result.records, result.rows)
+    settings = {"ensemble": str(ensemble_path), "store": str(store_path), "n_images": len(rows),
+                "n_test": len(all_rows), "views": views, "degradations": degs, "severities": [0, *sevs],
+                "max_images": cfg.max_images, "seed": cfg.seed, "class_names": list(ens.class_names),
+                "groups": {f"{d}/{s}": g for (d, s), g in groups.items()},
+                "stain": store.provenance.get("stain")}
+    result.paths = write_robustness_report(result, settings, Path(out))
+    return result
+
+
+def _metrics(labels: np.ndarray, probs: np.ndarray, c: int) -> dict:
+    m = classification_metrics(labels, probs.argmax(1), c)
+    return {"mf1": m["mf1"], "bacc": m["bacc"], "n": len(labels)}
+
+
+def summarise(records: list[dict], rows: list[str]) -> list[dict]:
+    """Per row: clean MF1/BAcc, mean MF1/BAcc over every degradation x severity >= 1, the worst."""
+    out = []
+    for row in rows:
+        mine = [r for r in records if r["row"] == row]
+        clean = next(r for r in mine if r["severity"] == 0)
+        deg = [r for r in mine if r["severity"] > 0]
+        worst = min(deg, key=lambda r: r["mf1"]) if deg else clean
+        out.append({"row": row, "clean_mf1": clean["mf1"], "clean_bacc": clean["bacc"],
+                    "mean_mf1": float(np.mean([r["mf1"] for r in deg])) if deg else clean["mf1"],
+                    "mean_bacc": float(np.mean([r["bacc"] for r in deg])) if deg else clean["bacc"],
+                    "worst": f"{worst['degradation']}/{worst['severity']}", "worst_mf1": worst["mf1"]})
+    return out
+
+
+# -- reports ---------------------------------------------------------------------------------
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def summary_markdown(summary: list[dict]) -> str:
+    lines = ["| Model | clean MF1 | clean BAcc | mean MF1 (degraded) | mean BAcc (degraded) | worst (MF1) |",
+             "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {s['row']} | {_pct(s['clean_mf1'])} | {_pct(s['clean_bacc'])} | {_pct(s['mean_mf1'])} | "
+              f"{_pct(s['mean_bacc'])} | {s['worst']} ({_pct(s['worst_mf1'])}) |" for s in summary]
+    return "\n".join(lines)
+
+
+def row_markdown(records: list[dict], row: str) -> str:
+    """Degradations x severities of one row: 'MF1 / BAcc' in percent, plus the mean per severity."""
+    mine = [r for r in records if r["row"] == row]
+    degs = list(dict.fromkeys(r["degradation"] for r in mine))
+    sevs = sorted({r["severity"] for r in mine})
+    cell = {(r["degradation"], r["severity"]): r for r in mine}
+    lines = ["| degradation | " + " | ".join(f"severity {s}" for s in sevs) + " |", "|---|" + "---:|" * len(sevs)]
+    for d in degs:
+        lines.append(f"| {d} | " + " | ".join(
+            f"{_pct(cell[d, s]['mf1'])} / {_pct(cell[d, s]['bacc'])}" for s in sevs) + " |")
+    means = [(np.mean([cell[d, s]["mf1"] for d in degs]), np.mean([cell[d, s]["bacc"] for d in degs])) for s in sevs]
+    lines.append("| **mean** | " + " | ".join(f"{_pct(a)} / {_pct(b)}" for a, b in means) + " |")
+    return "\n".join(lines)
+
+
+def robustness_png(records: list[dict], rows: list[str], path: Path) -> Path:
+    """MF1 against severity, one line per degradation, one panel per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(3, len(rows))
+    nrows = -(-len(rows) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False, sharey=True)
+    for ax, row in zip(axes.flat, rows):
+        mine = [r for r in records if r["row"] == row]
+        for d in dict.fromkeys(r["degradation"] for r in mine):
+            pts = sorted((r["severity"], 100 * r["mf1"]) for r in mine if r["degradation"] == d)
+            ax.plot(*zip(*pts), marker="o", label=d)
+        ax.set_title(row, fontsize=9)
+        ax.set_xlabel("severity")
+        ax.set_ylabel("MF1 (%)")
+        ax.set_xticks(range(MAX_SEVERITY + 1))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_robustness_report(result: RobustnessResult, settings: dict, out: Path) -> dict[str, Path]:
+    """robustness.md, .json, .csv (one line per row x degradation x severity) and .png under out."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"robustness.{k}" for k in ("md", "json", "csv", "png")}
+    md = [f"# Robustness: {Path(settings['ensemble']).name} on {Path(settings['store']).name}", "",
+          (f"{settings['n_images']} of {settings['n_test']} held-out test images (stain: {settings['stain']}), "
+          f"views {', '.join(settings['views'])}; severity 0 = clean. Values are percent."), "",
+          summary_markdown(result.summary), "",
+          "Mean over every degradation and severity >= 1; plot of MF1 against severity: robustness.png.", ""]
+    for row in result.rows:
+        md += [f"## {row} (MF1 / BAcc)", "", row_markdown(result.records, row), ""]
+    md += ["## Degradations", "", describe()]
+    paths["md"].write_text("\n".join(md))
+    paths["json"].write_text(json.dumps({**settings, "rows": result.rows, "summary": result.summary,
+                                         "records": result.records}, indent=1, default=float))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, ["row", "degradation", "severity", "mf1", "bacc", "n"])
+        w.writeheader()
+        w.writerows(result.records)
+    robustness_png(result.records, result.rows, paths["png"])
+    return paths
