@@ -88,3 +88,32 @@ def test_ablate_cli_tables_best_marked_and_resume(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "folds").iterdir()} == stamps
     assert run_cli(*args[:-2], "--lam", "0.5") == 2  # another grid into the same --out
     assert run_cli("ablate", cache, "--out", tmp_path / "x", "--beta", "0.9,1.2") == 2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_written_out_adamw_matches_torch_adamw(fused):
+    import torch
+
+    from wbc.engine.train_heads import _Fused
+    from wbc.losses import StackedLoss
+
+    g = torch.Generator().manual_seed(0)
+    w0, b0 = torch.randn(4, 12, generator=g), torch.randn(4, generator=g)
+    cfg = TrainConfig(weight_decay=0.05)
+    ours = _Fused(w0, b0, 1, cfg, fused=fused)
+    w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    opt = torch.optim.AdamW([w, b], lr=0.1, weight_decay=0.05)
+    loss = StackedLoss.build([LossSpec()], np.array([50, 20, 5, 2]))
+    from wbc.losses import head_losses
+
+    for step in range(5):
+        x, y = torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)
+        lr = 0.1 / (step + 1)
+        ours.step(x, y, loss, lr)
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        head_losses((x @ w.t() + b)[:, None, :], y, loss).sum().backward()
+        opt.step()
+    torch.testing.assert_close(ours.w[:4], w.detach())  # rows 4..15 are GEMM padding
+    torch.testing.assert_close(ours.b[:4], b.detach())
+    assert not ours.w[4:].any() and not ours.b[4:].any()

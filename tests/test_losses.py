@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from wbc.errors import WbcError
-from wbc.losses import LOSSES, LossSpec, StackedLoss, effective_number_weights, head_losses
+from wbc.losses import (
+    LOSSES,
+    LossSpec,
+    StackedLoss,
+    effective_number_weights,
+    head_losses,
+    head_losses_and_grad,
+)
 
 COUNTS = np.array([500, 120, 30, 7, 2])
 C = len(COUNTS)
@@ -130,3 +137,19 @@ def test_labels_name_only_the_used_parameters():
     assert LossSpec("ce", beta=0.5).label() == "ce"
     assert LossSpec("cb_ce", beta=0.99).label() == "cb_ce beta=0.99"
     assert LossSpec().label() == "cb_focal_hybrid beta=0.9999 gamma=2 lam=0.5"
+
+
+def test_closed_form_gradient_equals_autograd_for_every_loss():
+    specs = [LossSpec(n, b, g, lam) for n in LOSSES.names()
+             for b, g, lam in [(0.99, 0.0, 0.5), (0.9999, 2.0, 0.5), (0.999, 0.5, 1.0), (0.9, 1.0, 0.0)]]
+    gen = torch.Generator().manual_seed(6)
+    z = (torch.randn(40, len(specs), C, generator=gen, dtype=torch.float64) * 4).requires_grad_()
+    z.data[0, :, 0] = 80.0  # a certain sample (p_y = 1), where gamma < 1 is delicate
+    y = torch.randint(0, C, (40,), generator=gen)
+    y[0] = 0
+    params = StackedLoss.build(specs, COUNTS)
+    params = StackedLoss(*(t.double() for t in (params.alpha, params.gamma, params.lam, params.offset)))
+    losses, grad = head_losses_and_grad(z.detach(), y, params)
+    head_losses(z, y, params).sum().backward()
+    torch.testing.assert_close(losses, head_losses(z.detach(), y, params))
+    torch.testing.assert_close(grad, z.grad)

@@ -183,3 +183,29 @@ def head_losses(logits: torch.Tensor, y: torch.Tensor, p: StackedLoss) -> torch.
     one_minus_p = (-torch.expm1(logp_y)).clamp_min(1e-12)
     modulator = (1.0 - p.lam) + p.lam * one_minus_p.pow(p.gamma)
     return (modulator * ce).mean(0)
+
+
+def head_losses_and_grad(logits: torch.Tensor, y: torch.Tensor, p: StackedLoss
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`head_losses` and its gradient w.r.t. the logits in closed form (no autograd graph).
+
+    With q = 1 - p_y, l = -log p_y and m = (1 - lam) + lam q^gamma, the per-sample loss
+    alpha_y m l has d/dz = alpha_y (m + lam gamma l p_y q^(gamma-1)) (softmax(z') - onehot_y).
+    logits: (B, G, C); y: (B,) -> losses (G,), d mean-loss / d logits (B, G, C).
+    """
+    b, g, _c = logits.shape
+    logp = torch.log_softmax(logits + p.offset, dim=-1)
+    prob = logp.exp()
+    idx = y.view(-1, 1, 1).expand(-1, g, 1)
+    logp_y = logp.gather(-1, idx).squeeze(-1)  # (B, G)
+    ell = -logp_y
+    p_y = prob.gather(-1, idx).squeeze(-1)
+    q = (-torch.expm1(logp_y)).clamp_min(1e-12)
+    a_y = p.alpha[:, y].t()
+    m = (1.0 - p.lam) + p.lam * q.pow(p.gamma)
+    # gamma = 0 has no modulating gradient; where() avoids 0 * inf when q underflows.
+    dm = torch.where(p.gamma > 0, p.lam * p.gamma * ell * p_y * q.pow(p.gamma - 1), torch.zeros(()))
+    scale = a_y * (m + dm) / b
+    grad = prob.mul_(scale.unsqueeze(-1))
+    grad.scatter_add_(-1, idx, -scale.unsqueeze(-1))
+    return (a_y * m * ell).mean(0), grad

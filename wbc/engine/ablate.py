@@ -19,9 +19,9 @@ from pathlib import Path
 
 from wbc.config import save_config
 from wbc.engine.stage2 import (
+    TableCache,
     cache_path,
     grid_key,
-    open_table,
     parse_tau,
     prepare_fold,
     resolve_folds,
@@ -86,7 +86,9 @@ def ablate(cache: str | Path, out: Path, specs: list[LossSpec], fold: str | int 
     folds = resolve_folds(cache, fold)
     save_config({**run_config(specs[0], cfg, tau, la_tau), "specs": [s.label() for s in specs],
                  "folds": folds, "cache": str(cache)}, out / "config.yaml")
-    per_fold = [_fold(cache, k, out, specs, cfg, tau, la_tau, save_heads, overwrite, stream) for k in folds]
+    tables = TableCache(cache, folds, int(cfg.memory_gb * 2**30))
+    per_fold = [_fold(tables, cache, k, out, specs, cfg, tau, la_tau, save_heads, overwrite, stream)
+                for k in folds]
     rows = []
     for g, s in enumerate(specs):
         runs = [f["results"][g]["metrics"] for f in per_fold]
@@ -97,8 +99,8 @@ def ablate(cache: str | Path, out: Path, specs: list[LossSpec], fold: str | int 
     return rows
 
 
-def _fold(cache, k, out: Path, specs, cfg, tau, la_tau, save_heads, overwrite, stream) -> dict:
-    table = open_table(cache_path(cache, k))
+def _fold(tables, cache, k, out: Path, specs, cfg, tau, la_tau, save_heads, overwrite, stream) -> dict:
+    table = tables.get(k)
     key = grid_key(specs, cfg, tau, la_tau, str(table.ids.get("cache_id")))
     path = out / "folds" / f"fold{k}.json"
     if path.exists() and not overwrite:

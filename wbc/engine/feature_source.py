@@ -205,6 +205,24 @@ class StreamedSource:
             yield sel, torch.from_numpy(data.astype(np.float32))
 
 
+def preload_cv(table: FeatureTable) -> FeatureTable:
+    """The CV rows (fold >= 0) read into memory once, as a table of their own (row i = i-th CV
+    row), so several validation folds of one cache decode the Zarr chunks once, not per fold."""
+    rows = np.flatnonzero(table.fold >= 0)
+    s1 = table.stage1_logits
+    return FeatureTable(
+        features=read_rows(table.features, rows, table.rows_per_block),
+        labels=table.labels[rows], fold=table.fold[rows], class_names=table.class_names,
+        ids=table.ids, stage1_logits=None if s1 is None else read_rows(s1, rows, table.rows_per_block, np.float32),
+        rows_per_block=table.rows_per_block,
+    )
+
+
+def cv_bytes(table: FeatureTable) -> int:
+    _, k, d = table.shape
+    return int((table.fold >= 0).sum()) * k * d * 2
+
+
 def resident_need(table: FeatureTable, train_rows: np.ndarray, val_rows: np.ndarray) -> int:
     """Bytes the in-memory source holds: training rows float16 + validation rows float32."""
     _, k, d = table.shape

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 
 from wbc.config import config_hash, save_config, to_dict
-from wbc.engine.feature_source import FeatureTable, from_cache, make_source, split_rows
+from wbc.engine.feature_source import (
+    FeatureTable,
+    cv_bytes,
+    from_cache,
+    make_source,
+    preload_cv,
+    resident_need,
+    split_rows,
+)
 from wbc.engine.train_heads import HeadFit, PostHoc, TrainConfig, fit_heads, headline, post_hoc
 from wbc.errors import WbcError
 from wbc.heads import Head, load_head, view_mean_softmax
@@ -50,6 +58,28 @@ def resolve_folds(cache: str | Path, fold: str | int) -> list[int]:
         raise WbcError(f"{cache_path(cache, 0)} has no CV folds (every row is test or unused); "
                        "run `wbc split` and re-extract")
     return folds
+
+
+class TableCache:
+    """Opens each fold's cache; one cache shared by several folds is read into memory once
+    (its CV rows) when that and a fold's working set fit in the memory budget."""
+
+    def __init__(self, cache: str | Path, folds: list[int], memory_bytes: int):
+        self.cache, self.memory_bytes = cache, memory_bytes
+        self.shared = "{fold}" not in str(cache) and len(folds) > 1
+        self._table: FeatureTable | None = None
+
+    def get(self, fold: int) -> FeatureTable:
+        if not self.shared:
+            return open_table(cache_path(self.cache, fold))
+        if self._table is None:
+            table = open_table(cache_path(self.cache, fold))
+            train, val = split_rows(table, fold)
+            if cv_bytes(table) + resident_need(table, train, val) <= self.memory_bytes:
+                log.info("reading the cache's CV rows into memory once for all folds")
+                table = preload_cv(table)
+            self._table = table
+        return self._table
 
 
 def stage1_val_metrics(table: FeatureTable, val_rows: np.ndarray) -> dict | None:
@@ -147,8 +177,10 @@ def crt(cache: str | Path, out: Path, fold: str | int = "all", spec=None, cfg: T
     cfg.check()
     parse_tau(tau)
     runs = []
-    for k in resolve_folds(cache, fold):
-        table = open_table(cache_path(cache, k))
+    folds = resolve_folds(cache, fold)
+    tables = TableCache(cache, folds, int(cfg.memory_gb * 2**30))
+    for k in folds:
+        table = tables.get(k)
         config = {**run_config(spec, cfg, tau, la_tau), "val_fold": k, "cache": str(cache_path(cache, k))}
         fold_dir = Path(out) / f"fold{k}"
         done = _finished(fold_dir, config, table.ids.get("cache_id"), overwrite)
