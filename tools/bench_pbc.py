@@ -90,6 +90,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=env("DATA", str(ROOT.parent / "shared" / "data" / "pbc-lt")))
     p.add_argument("--out", default=env("BENCH_OUT", "cache/bench"))
+    p.add_argument("--stores", default=env("STORES", "cache/images"))
     p.add_argument("--epochs", type=int, default=int(env("EPOCHS", "6")))
     p.add_argument("--folds", default=env("FOLDS", "0,1,2,3,4"))
     p.add_argument("--crop", type=int, default=int(env("CROP", "160")))
@@ -103,7 +104,8 @@ def main() -> None:
     manifest = Path(a.data) / "manifest.csv"
     t_start = time.time()
 
-    stores = {"macenko": out / "images" / "pbc-lt.h5", "nostain": out / "images" / "pbc-lt-nostain.h5"}
+    # The stores live where `wbc prepare` puts them by default, so the benchmark reuses them.
+    stores = {"macenko": Path(a.stores) / "pbc-lt.h5", "nostain": Path(a.stores) / "pbc-lt-nostain.h5"}
     for kind, store in stores.items():
         if kind == "nostain" and "nostain" in skip:
             continue
