@@ -73,6 +73,13 @@ def test_apply_views_is_view_major():
     assert torch.equal(out[:3], x) and torch.equal(out[3:], torch.flip(x, (-1,)))
 
 
+def test_apply_views_channels_last_has_the_same_values():
+    x = torch.randn(2, 3, 6, 6)
+    a = apply_views(x, list(D4))
+    b = apply_views(x, list(D4), torch.channels_last)
+    assert b.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
+
+
 def test_apply_views_refuses_non_square_for_axis_swaps():
     with pytest.raises(ValueError, match="square"):
         apply_views(torch.zeros(1, 3, 4, 5), ["identity", "rot90"])

@@ -108,13 +108,21 @@ def resolve_views(spec: str | Sequence[str] = DEFAULT_VIEWS) -> list[str]:
     return names
 
 
-def apply_views(x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+def apply_views(
+    x: torch.Tensor, names: Sequence[str], memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
     """x: (B, C, H, W) -> (K*B, C, H, W), view-major (rows k*B..(k+1)*B-1 are view k).
 
-    Views that swap H and W need square inputs (centre crops are).
+    Each view is copied once, straight into the output in `memory_format` (channels_last for
+    the backbone saves a second full copy). Views that swap H and W need square inputs.
     """
-    if len(names) > 1 and x.shape[-1] != x.shape[-2] and any(
+    if x.shape[-1] != x.shape[-2] and any(
         n in ("rot90", "rot270", "transpose", "antitranspose") for n in names
     ):
         raise ValueError(f"views {list(names)} need square images, got {tuple(x.shape[-2:])}")
-    return torch.cat([VIEWS.get(n)(x) for n in names], dim=0)
+    b = x.shape[0]
+    out = torch.empty((len(names) * b, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                      memory_format=memory_format)
+    for k, n in enumerate(names):
+        out[k * b: (k + 1) * b].copy_(VIEWS.get(n)(x))
+    return out

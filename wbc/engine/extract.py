@@ -101,21 +101,10 @@ def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, r
         model = model.to(memory_format=torch.channels_last)
     amp = amp_dtype(d.device, cfg.amp)
     dim = int(embed(model, torch.zeros(1, *dc["input_size"], device=d.device)).shape[1])
-    if d.main:
-        attrs = {
-            "backbone": meta["timm_name"], "backbone_alias": meta.get("alias"),
-            "checkpoint_sha256": file_sha256(ckpt), "checkpoint_path": str(ckpt),
-            "checkpoint_fold": meta.get("fold"), "checkpoint_epoch": meta.get("epoch"),
-            "checkpoint_store_content_id": meta.get("store_content_id"),
-            "store_content_id": st.content_id, "store_path": str(st.path),
-            "views": views, "class_names": list(st.class_names), "data_config": dc,
-            "image_transform": image_transform, "wbc_version": __version__,
-            "amp": str(amp).replace("torch.", "") if amp else None, "device": d.device.type,
-            "config": to_dict(cfg), "created": dt.datetime.now().isoformat(timespec="seconds"),
-        }
-        prepare_output(out, group, attrs, (len(rows), len(views), dim, len(st.class_names)),
-                       rows, labels, fold, cfg.chunk_rows, cfg.overwrite)
-    d.barrier()
+    shape = (len(rows), len(views), dim, len(st.class_names))
+    d.checked(lambda: prepare_output(
+        out, group, _attrs(ckpt, meta, st, views, image_transform, amp, d, cfg), shape,
+        rows, labels, fold, cfg.chunk_rows, cfg.overwrite), main_only=True)
     g = open_for_writing(out, group)
     done = done_blocks(g)
     mine = [b for b in range(len(done)) if b % d.world == d.rank and not done[b]]
@@ -124,22 +113,13 @@ def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, r
                  meta["timm_name"], dim, d.device, out, f" [{group}]" if group else "")
         if done.any():
             log.info("resuming: %d of %d row blocks already written", int(done.sum()), len(done))
-    err: BaseException | None = None
-    timing: dict = {}
-    try:
-        timing = _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d, image_fn, out)
-    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank reached the collective
-        err = e
-    if d.any(err is not None):
-        if err is not None:
-            raise err
-        raise WbcError("another rank failed (see its message); written blocks are kept: rerun to resume")
+    timing = d.checked(
+        lambda: _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d, image_fn, out))
     per_rank = d.gather(timing)
-    d.barrier()
     wall = time.perf_counter() - t0
     timings = _merge_timings(per_rank, wall, len(views))
+    d.checked(lambda: mark_complete(g, timings=timings), main_only=True)
     if d.main:
-        mark_complete(g, timings=timings)
         log.info("wrote %s: %d images in %.1f s (%.1f images/s, %.1f views/s)", out,
                  timings["images"], wall, timings["images_per_s"], timings["views_per_s"])
     return {"path": str(out), "group": group, "rows": len(rows), "views": views, "dim": dim,
@@ -147,13 +127,28 @@ def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, r
             "timings": timings}
 
 
+def _attrs(ckpt, meta, st, views, image_transform, amp, d: Dist, cfg) -> dict:
+    """Provenance of the cache: what it was made from and how."""
+    return {
+        "backbone": meta["timm_name"], "backbone_alias": meta.get("alias"),
+        "checkpoint_sha256": file_sha256(ckpt), "checkpoint_path": str(ckpt),
+        "checkpoint_fold": meta.get("fold"), "checkpoint_epoch": meta.get("epoch"),
+        "checkpoint_store_content_id": meta.get("store_content_id"),
+        "store_content_id": st.content_id, "store_path": str(st.path),
+        "views": views, "class_names": list(st.class_names), "data_config": meta["data_config"],
+        "image_transform": image_transform, "wbc_version": __version__,
+        "amp": str(amp).replace("torch.", "") if amp else None, "device": d.device.type,
+        "config": to_dict(cfg), "created": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
 def _merge_timings(per_rank: list[dict], wall: float, k: int) -> dict:
     images = sum(t["images"] for t in per_rank)
-    keys = ("load_wait_s", "forward_s", "write_s", "loop_s")
+    keys = ("first_wait_s", "load_wait_s", "forward_s", "write_s", "loop_s", "loop_cpu_s")
     return {
         "total_s": round(wall, 3), "ranks": len(per_rank), "images": images, "views": images * k,
         "images_per_s": round(images / wall, 2), "views_per_s": round(images * k / wall, 2),
-        **{key: round(max(t[key] for t in per_rank), 3) for key in keys},
+        **{key: round(max(t.get(key, 0.0) for t in per_rank), 3) for key in keys},
     }
 
 
@@ -189,7 +184,7 @@ def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: Dist, imag
     bs = cfg.batch_size or (32 if cuda else 8)
     t = {"images": 0, "blocks": 0, "load_wait_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
     n_mine = sum(min(len(rows), (b + 1) * r) - b * r for b in mine)
-    t_loop = time.perf_counter()
+    t_loop, cpu_loop = time.perf_counter(), _cpu_seconds()
     bar = progress()
     bar.disable = bar.disable or not d.main
     with bar, _Writer(g, out) as writer:
@@ -200,6 +195,7 @@ def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: Dist, imag
             item = next(it, None)
             t2 = time.perf_counter()
             t["load_wait_s"] += t2 - t1
+            t.setdefault("first_wait_s", t2 - t1)  # worker start-up + first read: not steady state
             if item is None:
                 break
             b, crops = item
@@ -213,20 +209,30 @@ def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: Dist, imag
             bar.advance(task, stop - start)
     t["write_s"] = writer.seconds
     t["loop_s"] = time.perf_counter() - t_loop
+    t["loop_cpu_s"] = _cpu_seconds() - cpu_loop  # the loader's workers have exited: counted too
     return t
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (loader workers): robust to time-slicing."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return time.process_time()
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + r.ru_utime + r.ru_stime
 
 
 def _forward_views(model, crops, dc, views, amp, channels_last):
     """crops: (B, 3, h, w) uint8 on the device -> embeddings (B, K, D), logits (B, K, C) float32."""
     k = len(views)
-    x = apply_views(normalize(crops, dc["mean"], dc["std"]), views)  # (K*B, 3, h, w), view-major
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = apply_views(normalize(crops, dc["mean"], dc["std"]), views, fmt)  # (K*B, 3, h, w), view-major
     with torch.autocast(crops.device.type, dtype=amp) if amp else contextlib.nullcontext():
         e = embed(model, x)
         z = logits_from_embeddings(model, e)
     b = x.shape[0] // k
-    return e.float().view(k, b, -1).transpose(0, 1), z.float().view(k, b, -1).transpose(0, 1)
+    return e.float().reshape(k, b, -1).transpose(0, 1), z.float().reshape(k, b, -1).transpose(0, 1)
 
 
 def _embed_block(model, crops, dc, views, bs, amp, device, channels_last):

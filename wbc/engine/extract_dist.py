@@ -9,6 +9,7 @@ of this: `Dist.world == 1` and every collective is a no-op.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from wbc.device import resolve_device
+from wbc.errors import WbcError
 
 
 @dataclass
@@ -40,6 +42,24 @@ class Dist:
         t = torch.tensor([int(flag)], device=self._coll_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def checked(self, fn: Callable[[], Any], main_only: bool = False) -> Any:
+        """fn() on every rank (or rank 0 only); if it raises anywhere, raise on every rank.
+
+        Doubles as a barrier, so a rank that fails never leaves the others waiting forever.
+        """
+        err, out = None, None
+        if self.main or not main_only:
+            try:
+                out = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, once every rank knows
+                err = e
+        if self.any(err is not None):
+            if err is not None:
+                raise err
+            raise WbcError("another rank failed (see its message); written blocks are kept: "
+                           "rerun the same command to resume")
+        return out
 
     def gather(self, obj: Any) -> list[Any]:
         if self.world == 1:
