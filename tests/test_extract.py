@@ -216,6 +216,15 @@ def test_disk_full_leaves_an_incomplete_resumable_store(env, tmp_path, monkeypat
     with pytest.raises(WbcError, match="incomplete"):
         open_cache(out)
     monkeypatch.undo()
+
+    def full_at_the_end(g, **attrs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ex, "mark_complete", full_at_the_end)
+    with pytest.raises(WbcError, match="disk full"):
+        extract(env.ckpt, env.store_path, out, CFG)
+    assert done_blocks(open_for_writing(out)).all() and not open_for_writing(out).attrs["complete"]
+    monkeypatch.undo()
     extract(env.ckpt, env.store_path, out, CFG)
     assert_same_store(out, env.ref)
 

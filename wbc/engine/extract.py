@@ -87,6 +87,11 @@ def extract(
     try:
         with torch.inference_mode():
             return _run(ckpt, st, Path(out), cfg, views, d, group, image_fn, image_transform, rows)
+    except OSError as e:  # creating the store or marking it complete; block writes say it themselves
+        if e.errno == errno.ENOSPC:
+            raise WbcError(f"disk full while writing {out}: free space and rerun the same command "
+                           "(written blocks are kept)") from None
+        raise
     finally:
         d.close()
 
