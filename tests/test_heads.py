@@ -204,3 +204,25 @@ def test_crt_bad_caches_exit_2(tmp_path, capsys):
                             (partial, "0", "incomplete"), (tmp_path / "missing.zarr", "0", "not found")]:
         assert run_cli("crt", path, "--fold", fold, "--out", tmp_path / "o", "--epochs", "1") == 2
         assert msg in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_crt_refuses_a_fold_the_backbone_trained_on(tmp_path, capsys):
+    from wbc.cache import open_for_writing
+
+    data = long_tailed(counts=(60, 20, 10), d=8)
+    path = write_cache(tmp_path / "c.zarr", data)
+    open_for_writing(path).attrs["checkpoint_fold"] = 1
+    assert run_cli("crt", path, "--fold", "0", "--out", tmp_path / "o", "--epochs", "1") == 2
+    assert "fold-1 Stage-1 backbone" in capsys.readouterr().err.replace("\n", " ")
+    assert run_cli("crt", path, "--fold", "1", "--out", tmp_path / "o", "--epochs", "1", "--threads", "1") == 0
+
+
+def test_metrics_from_confusion_equal_wbc_metrics():
+    from wbc.engine.validate_heads import headline, headline_from_confusion
+    from wbc.metrics import confusion
+
+    rng = np.random.default_rng(0)
+    y = rng.choice([0, 1, 3, 4], size=200)  # class 2 absent from the truth
+    pred = np.where(rng.random(200) < 0.6, y, rng.integers(0, 5, 200))
+    got = headline_from_confusion(confusion(y, pred, 5))
+    assert got == pytest.approx(headline(y, pred, 5))

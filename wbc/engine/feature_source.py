@@ -53,8 +53,8 @@ class FeatureTable:
 def from_cache(cache) -> FeatureTable:
     """A FeatureTable over an open `wbc.cache.FeatureCache` (nothing is read yet)."""
     attrs = cache.attrs
-    ids = {k: attrs.get(k) for k in ("backbone", "checkpoint_sha256", "store_content_id", "views",
-                                       "image_transform", "wbc_version")}
+    ids = {k: attrs.get(k) for k in ("backbone", "checkpoint_sha256", "checkpoint_fold", "store_content_id",
+                                       "views", "image_transform", "wbc_version")}
     ids.update(path=str(cache.path), cache_id=cache.cache_id)
     return FeatureTable(
         features=cache.features, labels=np.asarray(cache.labels), fold=np.asarray(cache.fold),
@@ -71,6 +71,11 @@ def split_rows(table: FeatureTable, val_fold: int) -> tuple[np.ndarray, np.ndarr
         raise WbcError(f"cache arrays disagree: features {n} rows, labels {len(table.labels)}, "
                        f"fold {len(table.fold)}; re-extract the cache")
     folds = table.folds
+    seen = table.ids.get("checkpoint_fold")
+    if isinstance(seen, int) and seen >= 0 and seen != val_fold:
+        raise WbcError(f"{table.ids.get('path', 'the cache')} holds features of the fold-{seen} Stage-1 "
+                       f"backbone, which trained on fold {val_fold}: validate on fold {seen} (--fold {seen}), "
+                       "or pass one cache per fold with '{fold}' in the path")
     if val_fold not in folds:
         raise WbcError(f"validation fold {val_fold} is not in the cache; its CV folds are {folds} "
                        "(run `wbc split` on the store and re-extract if this is empty)")

@@ -29,7 +29,8 @@ from wbc.engine.feature_source import (
     resident_need,
     split_rows,
 )
-from wbc.engine.train_heads import HeadFit, PostHoc, TrainConfig, fit_heads, headline, post_hoc
+from wbc.engine.train_heads import HeadFit, TrainConfig, fit_heads
+from wbc.engine.validate_heads import PostHoc, headline, post_hoc
 from wbc.errors import WbcError
 from wbc.heads import Head, load_head, view_mean_softmax
 

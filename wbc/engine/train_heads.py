@@ -20,11 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wbc.engine.validate_heads import headline_from_confusion, val_confusion
 from wbc.errors import WbcError
-from wbc.heads import TAU_GRID, prior_adjustment, tau_logits, view_mean_softmax
 from wbc.log import progress
 from wbc.losses import LossSpec, StackedLoss, check_spec, head_losses_and_grad
-from wbc.metrics import HEADLINE, classification_metrics
 from wbc.sampling import SAMPLERS, epoch_draws
 
 log = logging.getLogger(__name__)
@@ -76,36 +75,6 @@ def init_head(num_classes: int, dim: int, seed: int) -> tuple[torch.Tensor, torc
     w = (torch.rand(num_classes, dim, generator=g) * 2 - 1) * bound
     b = (torch.rand(num_classes, generator=g) * 2 - 1) * bound
     return w, b
-
-
-def val_logits(source, weight: torch.Tensor, bias: torch.Tensor | None, n_val: int) -> torch.Tensor:
-    """All validation views through a fused head: (Nv, K, M) for weight (M, D)."""
-    out = None
-    for sel, x in source.val_chunks():
-        z = x.reshape(-1, x.shape[-1]) @ weight.t()
-        if bias is not None:
-            z += bias
-        if out is None:
-            out = torch.empty(n_val, x.shape[1], weight.shape[0])
-        out[sel] = z.view(x.shape[0], x.shape[1], -1)
-    return out
-
-
-def val_predict(source, weight: torch.Tensor, bias: torch.Tensor, n: int, num_classes: int,
-                n_val: int) -> np.ndarray:
-    """(Nv, G) predictions of the fused heads (rows :n of weight (M, D)) from view-averaged
-    softmax, computed chunk by chunk so the (Nv, K, G, C) probabilities never exist at once."""
-    preds = np.empty((n_val, n // num_classes), dtype=np.int64)
-    for sel, x in source.val_chunks():
-        z = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t())[:, :n]
-        probs = torch.softmax(z.reshape(x.shape[0], x.shape[1], -1, num_classes), dim=-1).mean(dim=1)
-        preds[sel] = probs.argmax(-1).numpy()
-    return preds
-
-
-def headline(y_true, y_pred, num_classes: int) -> dict:
-    m = classification_metrics(y_true, y_pred, num_classes)
-    return {k: m[k] for k in HEADLINE}
 
 
 class _Fused:
@@ -166,101 +135,77 @@ class _Fused:
             p.addcdiv_(m, v.sqrt().div_(c2).add_(self.EPS), value=-lr / c1)
 
 
+class _EarlyStopping:
+    """Per head: best validation MF1 so far, its epoch and weights, epochs since it improved."""
+
+    def __init__(self, w0: torch.Tensor, b0: torch.Tensor, g: int, patience: int):
+        self.best, self.epoch, self.bad = np.full(g, -1.0), np.zeros(g, dtype=int), np.zeros(g, dtype=int)
+        self.w, self.b, self.patience = w0.repeat(g, 1, 1), b0.repeat(g, 1), patience
+
+    def update(self, g: int, epoch: int, mf1: float, w: torch.Tensor, b: torch.Tensor) -> bool:
+        """Record head g's epoch; True when it has run out of patience."""
+        if mf1 > self.best[g]:  # strictly better: ties keep the earlier epoch
+            self.best[g], self.epoch[g], self.bad[g] = mf1, epoch, 0
+            self.w[g], self.b[g] = w, b
+            return False
+        self.bad[g] += 1
+        return bool(self.bad[g] >= self.patience)
+
+
 def fit_heads(source, train_labels: np.ndarray, val_labels: np.ndarray, specs: list[LossSpec],
               cfg: TrainConfig, num_classes: int, dim: int, desc: str = "cRT") -> list[HeadFit]:
     """Train len(specs) heads at once; each keeps the weights of its best validation MF1 epoch.
 
-    train_labels: (Nt,) in the source's training-row order; val_labels: (Nv,) likewise.
+    source: an InMemorySource or StreamedSource; train_labels (Nt,) and val_labels (Nv,) in its
+    training / validation row order. Returns one HeadFit per spec, in order.
     """
     for s in specs:
         check_spec(s)
     cfg.check()
-    counts = np.bincount(train_labels, minlength=num_classes)
     G, C = len(specs), num_classes
-    all_loss = StackedLoss.build(specs, counts)
+    all_loss = StackedLoss.build(specs, np.bincount(train_labels, minlength=C))
     w0, b0 = init_head(C, dim, cfg.seed)
-    fused = _Fused(w0, b0, G, cfg)
+    fused, stop = _Fused(w0, b0, G, cfg), _EarlyStopping(w0, b0, G, cfg.patience)
     active = torch.arange(G)  # head index of each fused slot
-    draws_rng = np.random.default_rng(cfg.seed)
-    order_rng = np.random.default_rng([cfg.seed, 1])  # streamed sources' block order only
+    rngs = (np.random.default_rng(cfg.seed), np.random.default_rng([cfg.seed, 1]))  # draws, block order
     y_train = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
-    steps = math.ceil(len(train_labels) / cfg.batch_size)
-    total = cfg.epochs * steps
-    best = np.full(G, -1.0)
-    best_epoch = np.zeros(G, dtype=int)
-    bad = np.zeros(G, dtype=int)
-    best_w = w0.repeat(G, 1, 1)
-    best_b = b0.repeat(G, 1)
+    y_val = torch.from_numpy(np.asarray(val_labels, dtype=np.int64))
+    total = cfg.epochs * math.ceil(len(train_labels) / cfg.batch_size)
     history: list[list[dict]] = [[] for _ in range(G)]
-    step = 0
     with progress() as bar:
         task = bar.add_task(desc, total=cfg.epochs, info="")
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
-            loss = all_loss.select(active)
-            rows, views = epoch_draws(cfg.sampler, train_labels, C, source.k, draws_rng)
-            loss_sum = torch.zeros(len(active))
-            for x, pos in source.batches(rows, views, cfg.batch_size, order_rng):
-                lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
-                loss_sum += fused.step(x, y_train[rows[pos]], loss, lr) * len(pos)
-                step += 1
-            with torch.no_grad():
-                preds = val_predict(source, fused.w, fused.b, fused.n, C, len(val_labels))
+            losses, lr = _epoch(fused, source, all_loss.select(active), train_labels, y_train, cfg, C, rngs, total)
+            cms = val_confusion(source, fused.w, fused.b, fused.n, C, y_val)
             stopped = []
             for slot, g in enumerate(active.tolist()):
-                m = headline(val_labels, preds[:, slot], C)
-                history[g].append({"epoch": epoch, "loss": float(loss_sum[slot]) / len(rows), "lr": lr,
-                                   **m, "seconds": round(time.perf_counter() - t0, 4)})
-                if m["mf1"] > best[g]:
-                    best[g], best_epoch[g], bad[g] = m["mf1"], epoch, 0
-                    best_w[g] = fused.w[slot * C:(slot + 1) * C]
-                    best_b[g] = fused.b[slot * C:(slot + 1) * C]
-                else:
-                    bad[g] += 1
-                    if bad[g] >= cfg.patience:
-                        stopped.append(slot)
+                m = headline_from_confusion(cms[slot])
+                history[g].append({"epoch": epoch, "loss": float(losses[slot]), "lr": lr, **m,
+                                   "seconds": round(time.perf_counter() - t0, 4)})
+                rows = slice(slot * C, (slot + 1) * C)
+                if stop.update(g, epoch, m["mf1"], fused.w[rows], fused.b[rows]):
+                    stopped.append(slot)
             if stopped:
-                log.debug("epoch %d: %d head(s) stopped early", epoch, len(stopped))
                 keep = torch.tensor([s for s in range(len(active)) if s not in stopped], dtype=torch.long)
                 active = active[keep]
+                log.debug("epoch %d: %d head(s) stopped, %d left", epoch, len(stopped), len(active))
                 if len(active) == 0:
                     bar.update(task, completed=cfg.epochs)
                     break
                 fused.keep(keep)
-            bar.update(task, advance=1, info=f"best MF1 {best.max():.3f}, {len(active)}/{G} heads")
-    return [HeadFit(specs[g], best_w[g].numpy().copy(), best_b[g].numpy().copy(), int(best_epoch[g]),
-                    float(best[g]), history[g]) for g in range(G)]
+            bar.update(task, advance=1, info=f"best MF1 {stop.best.max():.3f}, {len(active)}/{G} heads")
+    return [HeadFit(specs[g], stop.w[g].numpy().copy(), stop.b[g].numpy().copy(), int(stop.epoch[g]),
+                    float(stop.best[g]), history[g]) for g in range(G)]
 
 
-@dataclass
-class PostHoc:
-    """Post-hoc choices applied to a trained head, selected on validation."""
-
-    tau: float
-    logit_adjust: np.ndarray | None
-    metrics: dict
-
-
-def post_hoc(fits: list[HeadFit], source, val_labels: np.ndarray, counts: np.ndarray,
-             tau: float | str = 0.0, la_tau: float = 0.0) -> list[PostHoc]:
-    """Tau-normalisation (a float, or 'auto' = best validation MF1 over TAU_GRID) and logit
-    adjustment by the training prior (la_tau * -log prior; 0 = off) for each head.
-
-    Costs one matmul for all heads: tau only rescales per-class columns of the raw logits.
-    """
-    C = len(counts)
-    w_all = torch.from_numpy(np.concatenate([f.weight for f in fits]))
-    with torch.no_grad():
-        raw = val_logits(source, w_all, None, len(val_labels))  # (Nv, K, G*C), bias-free
-    adjust = prior_adjustment(counts, la_tau) if la_tau else None
-    taus = TAU_GRID if tau == "auto" else (float(tau),)
-    out = []
-    for g, f in enumerate(fits):
-        r = raw[..., g * C:(g + 1) * C]
-        scored = []
-        for t in taus:
-            z = tau_logits(r, f.weight, f.bias, t, adjust)
-            scored.append((headline(val_labels, view_mean_softmax(z).argmax(-1).numpy(), C), t))
-        m, t = max(scored, key=lambda s: s[0]["mf1"])  # first (smallest) tau wins ties
-        out.append(PostHoc(t, adjust, m))
-    return out
+def _epoch(fused: _Fused, source, loss: StackedLoss, train_labels, y_train, cfg: TrainConfig, c: int,
+           rngs, total: int) -> tuple[torch.Tensor, float]:
+    """One epoch of draws through the fused heads; returns each active head's mean loss and the
+    last learning rate (cosine over all steps of all epochs, per step)."""
+    rows, views = epoch_draws(cfg.sampler, train_labels, c, source.k, rngs[0])
+    loss_sum, lr = torch.zeros(fused.n // c), cfg.lr
+    for x, pos in source.batches(rows, views, cfg.batch_size, rngs[1]):
+        lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * fused.t / total))
+        loss_sum += fused.step(x, y_train[rows[pos]], loss, lr) * len(pos)
+    return loss_sum / len(rows), lr
