@@ -243,8 +243,19 @@ class _pool_ctx:
     """A worker pool (or None for in-process work) that is shut down on any exit."""
 
     def __init__(self, workers: int):
-        self.pool = None if workers == 0 else ProcessPoolExecutor(
-            workers, mp_context=mp.get_context(START_METHOD), initializer=_init_worker)
+        self.pool = None
+        if workers == 0:
+            return
+        self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(START_METHOD),
+                                        initializer=_init_worker)
+        # Start the workers now with SIGINT ignored (inherited): Ctrl-C during their slow start
+        # (importing torch) must reach only this process, which commits and shuts down cleanly.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for _ in range(workers):  # with spawn, each submit starts one worker while none is idle
+                self.pool.submit(int)
+        finally:
+            signal.signal(signal.SIGINT, old)
 
     def __enter__(self) -> ProcessPoolExecutor | None:
         return self.pool

@@ -62,7 +62,9 @@ def _max_stained_value(io: float, beta: float) -> int:
 def stained_pixels(image: np.ndarray, params: StainParams = StainParams()) -> int:
     """How many pixels Macenko would use (OD >= beta in every channel). OD falls as the value
     rises, so that is max over channels <= a threshold: an integer test, ~10x cheaper than logs."""
-    return int((image.max(axis=2) <= _max_stained_value(params.io, params.beta)).sum())
+    # three elementwise maxima: numpy's reduce over a length-3 last axis is ~20x slower
+    m = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
+    return int(np.count_nonzero(m <= _max_stained_value(params.io, params.beta)))
 
 
 def _guard(image: np.ndarray, params: StainParams) -> None:
