@@ -72,6 +72,7 @@ class PrepareReport:
     skipped_csv: Path
     content_id: str = ""
     notes: dict[str, int] = field(default_factory=dict)
+    template_seconds: float = 0.0  # the template pass (part of `seconds`)
 
 
 # spawn: forking after torch has used OpenMP threads in this process can deadlock the children.
@@ -225,9 +226,11 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
             w.commit(0)
             w.set_meta("listed", True)
         tpl = w.get_meta("template")
+        t_tpl = time.perf_counter()
         if cfg.stain and tpl is None:
             tpl = choose_template(src, cfg, pool)
             w.set_meta("template", tpl)
+        t_tpl = time.perf_counter() - t_tpl
         stain_key = None
         if cfg.stain:
             stain_key = (tuple(map(tuple, tpl["stain_matrix"])), tuple(tpl["max_conc"]),
@@ -235,6 +238,7 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
         job = (cfg.size, stain_key, cfg.compression)
         _write_rows(w, src, label_index, pool, job, cfg.commit_every, start)
         report, skipped = _finish(w, src, cfg, tpl, t0, start)
+        report.template_seconds = t_tpl
     _write_skipped_csv(report.skipped_csv, skipped)
     return report
 
