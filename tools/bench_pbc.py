@@ -26,8 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import functools
-import operator
 
 from tools.benchlib import write_section
 
@@ -70,7 +68,7 @@ def stage(store: Path, name: str, backbone: str, folds: list[int], a, crt_args=(
     heads = Path(a.out) / "runs" / f"crt-{name}"
     for k in folds:
         run(["train", store, "--backbone", backbone, "--pretrained", "package", "--fold", k,
-             "--epochs", a.epochs, "--crop", a.crop, "--batch-size", a.batch_size,
+             "--epochs", a.epochs, "--crop", a.crop, "--batch-size", a.batch_size, "--lr", a.lr,
              "--out", run_dir], done=run_dir / f"fold{k}" / "best.pt")
         ck = Path(str(cache).format(fold=k))
         run(["extract", run_dir / f"fold{k}" / "best.pt", "--store", store, "--out", ck],
@@ -95,6 +93,7 @@ def main() -> None:
     p.add_argument("--folds", default=env("FOLDS", "0,1,2,3,4"))
     p.add_argument("--crop", type=int, default=int(env("CROP", "160")))
     p.add_argument("--batch-size", type=int, default=int(env("BATCH", "32")))
+    p.add_argument("--lr", type=float, default=float(env("LR", "1e-4")))
     p.add_argument("--backbones", default=env("BACKBONES", "lite0,lite1,lite2"))
     p.add_argument("--skip", default=env("SKIP", ""), help="comma list: nostain,ablate,posthoc,baseline")
     a = p.parse_args()
@@ -118,21 +117,15 @@ def main() -> None:
         models[b] = stage(stores["macenko"], b, b, folds, a)
     fold_arg = ",".join(map(str, folds))
     table = out / "reports" / "table1"
-    run(["evaluate", *functools.reduce(operator.iadd, [["--model", f"{b}:{m['cache']}:{m['head']}"] for b, m in models.items()], []),
+    model_args = [x for b, m in models.items() for x in ("--model", f"{b}:{m['cache']}:{m['head']}")]
+    run(["evaluate", *model_args,
          "--folds", fold_arg, "--out", table, "--title", "PBC-LT held-out test (900 cells)"])
 
-    if "baseline" not in skip:
-        subprocess.run([sys.executable, str(ROOT / "tools" / "bench_baseline.py"), "--store", stores["macenko"],
-                        "--out", out, "--folds", fold_arg], check=True, cwd=ROOT)
-    if "nostain" not in skip:
-        ns = stage(stores["nostain"], "lite0-nostain", "lite0", folds, a)
-        run(["evaluate", "--model", f"lite0-macenko:{models['lite0']['cache']}:{models['lite0']['head']}",
-             "--folds", fold_arg, "--out", out / "reports" / "macenko-on"])
-        run(["evaluate", "--model", f"lite0-nostain:{ns['cache']}:{ns['head']}", "--folds", fold_arg,
-             "--out", out / "reports" / "macenko-off"])
+    write_results(a, out, folds, time.time() - t_start)
     if "ablate" not in skip:
         run(["ablate", models["lite0"]["cache"], "--fold", fold_arg if len(folds) == 1 else "all",
              "--out", out / "runs" / "ablate-lite0", "--overwrite"])
+    write_results(a, out, folds, time.time() - t_start)
     if "posthoc" not in skip:
         lc = models["lite0"]["cache"]
         for tag, extra in (("tau", ["--tau", "auto"]), ("la", ["--logit-adjust", "1.0"])):
@@ -144,6 +137,17 @@ def main() -> None:
              "--model", f"cRT+tau:{lc}:{out}/runs/crt-lite0-tau/fold{{fold}}/head.pt",
              "--model", f"cRT+LA:{lc}:{out}/runs/crt-lite0-la/fold{{fold}}/head.pt",
              "--folds", fold_arg, "--out", out / "reports" / "posthoc"])
+    write_results(a, out, folds, time.time() - t_start)
+    if "baseline" not in skip:
+        subprocess.run([sys.executable, str(ROOT / "tools" / "bench_baseline.py"), "--store", stores["macenko"],
+                        "--out", out, "--folds", fold_arg, "--crop", str(a.crop)], check=True, cwd=ROOT)
+    write_results(a, out, folds, time.time() - t_start)
+    if "nostain" not in skip:
+        ns = stage(stores["nostain"], "lite0-nostain", "lite0", folds, a)
+        run(["evaluate", "--model", f"lite0-macenko:{models['lite0']['cache']}:{models['lite0']['head']}",
+             "--folds", fold_arg, "--out", out / "reports" / "macenko-on"])
+        run(["evaluate", "--model", f"lite0-nostain:{ns['cache']}:{ns['head']}", "--folds", fold_arg,
+             "--out", out / "reports" / "macenko-off"])
     write_results(a, out, folds, time.time() - t_start)
 
 
