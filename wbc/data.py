@@ -98,6 +98,27 @@ def _randaugment(num_ops: int = 2, magnitude: int = 9) -> Transform:
     ])
 
 
+class TensorDegradation(torch.nn.Module):
+    """wbc.degrade's random degradation (random kind, severity 1-4) on a (3, H, W) uint8 tensor."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        from wbc.degrade import RandomDegradation
+
+        self.inner = RandomDegradation(p=p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(np.ascontiguousarray(x.permute(1, 2, 0).numpy()))
+        return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)
+
+
+@AUGMENTS.register("degradations")
+def _degradations(num_ops: int = 2, magnitude: int = 9, p: float = 0.5) -> Transform:
+    """RandAugment's pipeline, then with probability p one WBCBench-style degradation (noise, blur,
+    illumination, JPEG, stain jitter) at a random severity: trains against scanner/stain damage."""
+    return v2.Compose([_randaugment(num_ops, magnitude), TensorDegradation(p)])
+
+
 def train_transform(name: str, **params: Any) -> Transform:
     """The named augmentation (see AUGMENTS.names()) acting on a (3, H, W) uint8 tensor."""
     return AUGMENTS.get(name)(**params)

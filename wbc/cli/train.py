@@ -31,7 +31,7 @@ def train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = _D.lr,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _D.weight_decay,
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val Macro-F1.")] = _D.patience,
-    augment: Annotated[str, typer.Option(help="Train augmentation: randaugment or none.")] = _D.augment,
+    augment: Annotated[str, typer.Option(help="Train augmentation: randaugment, degradations (randaugment + WBCBench-style damage) or none.")] = _D.augment,
     crop: Annotated[int, typer.Option(help="Centre-crop side fed to the network.")] = _D.crop,
     resize: Annotated[int, typer.Option(help="Side before the crop (0: keep 368/224).")] = _D.resize,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16, else fp16).")] = _D.amp,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -240,6 +241,7 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     s = (seed * 1_000_003 + epoch * 7919 + rank) % 2**31
     torch.manual_seed(s)
     np.random.seed(s)
+    random.seed(s)  # wbc.degrade's RandomDegradation draws from `random` (workers=0 path)
 
 
 def _loader(ds, micro: int, cfg: TrainConfig, dev: torch.device, sampler, epoch: int, rank: int) -> DataLoader:
