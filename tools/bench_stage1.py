@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -29,9 +30,12 @@ def run_stage1(args: argparse.Namespace) -> str:
     cfg = TrainConfig(backbone=args.backbone, pretrained=args.pretrained, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, crop=args.crop, workers=args.workers,
                       patience=args.epochs, device="cpu", seed=0)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     (run,) = train(args.store, args.out, cfg, fold=args.fold, resume=args.resume, overwrite=not args.resume)
     wall = time.perf_counter() - t0
+    cpu = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    load = f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     table = "\n".join(
         f"| {r['epoch']} | {r['loss']:.3f} | {r['val_mf1']:.3f} | {r['val_bacc']:.3f} | "
@@ -51,9 +55,9 @@ flips/rot90, crop {args.crop} after resize {resize} (the paper's 224/368 ratio),
 {table}
 
 Best validation Macro-F1 **{best['val_mf1']:.3f}** (epoch {best['epoch']}); training throughput
-{sum(r['images_per_s'] for r in rows) / len(rows):.1f} images/s on average; whole run {wall / 60:.1f} min
-including validation and the one-off decode of the store into RAM.
-Machine: {machine()}. The 2 cores were shared with other jobs during the run, so the
+{sum(r['images_per_s'] for r in rows) / len(rows):.1f} images/s on average; whole run {wall / 60:.1f} min wall,
+{cpu / 60:.1f} min CPU, including validation and the one-off decode of the store into RAM.
+Machine: {machine()}. The cores were shared with other jobs (load average {load}), so the
 throughput is a lower bound; a few CPU epochs at reduced resolution are far from the paper's
 100-epoch 224 px GPU schedule, so this MF1 is a smoke figure, not a result.
 """
