@@ -67,15 +67,25 @@ def stage(store: Path, name: str, backbone: str, folds: list[int], a, crt_args=(
     cache = Path(a.out) / "features" / f"{name}-fold{{fold}}.zarr"
     heads = Path(a.out) / "runs" / f"crt-{name}"
     for k in folds:
+        fold_dir = run_dir / f"fold{k}"
+        resume = ["--resume"] if (fold_dir / "last.pt").exists() else []
         run(["train", store, "--backbone", backbone, "--pretrained", "package", "--fold", k,
              "--epochs", a.epochs, "--crop", a.crop, "--batch-size", a.batch_size, "--lr", a.lr,
-             "--out", run_dir], done=run_dir / f"fold{k}" / "best.pt")
+             "--out", run_dir, *resume], done=fold_dir / "best.pt" if _finished(fold_dir) else None)
         ck = Path(str(cache).format(fold=k))
         run(["extract", run_dir / f"fold{k}" / "best.pt", "--store", store, "--out", ck],
             done=ck if _complete(ck) else None)
         run(["crt", str(cache), "--fold", k, "--out", heads, *crt_args],
             done=heads / f"fold{k}" / "head.pt")
     return {"cache": str(cache), "head": str(heads / "fold{fold}" / "head.pt")}
+
+
+def _finished(fold_dir: Path) -> bool:
+    """A Stage-1 fold is finished when its best.pt is marked complete (it exists from epoch 1)."""
+    import torch
+
+    best = fold_dir / "best.pt"
+    return best.exists() and bool(torch.load(best, map_location="cpu", weights_only=False).get("complete"))
 
 
 def _complete(cache: Path) -> bool:

