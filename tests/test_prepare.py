@@ -183,6 +183,10 @@ def test_interrupted_prepare_resumes(tmp_path, monkeypatch):
     r = prepare_store(src, tmp_path / "s.h5", cfg)
     assert r.resumed_from == 4 and r.n_written == 10
     assert r.content_id == full.content_id
+    again = prepare_store(src, tmp_path / "s.h5", cfg)  # complete, same plan: a no-op
+    assert again.resumed_from == 10 and again.content_id == full.content_id
+    with pytest.raises(WbcError, match="already a complete store"):
+        prepare_store(src, tmp_path / "s.h5", PrepareConfig(size=40, workers=0))
     np.testing.assert_array_equal(open_store(r.out).images(range(10)), open_store(full.out).images(range(10)))
 
 

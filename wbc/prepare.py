@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from wbc import __version__
@@ -40,7 +41,7 @@ from wbc.stain import (
     medoid,
     try_normalize,
 )
-from wbc.store import EncodedImage, StoreWriter, encode_image
+from wbc.store import EncodedImage, StoreWriter, encode_image, open_store
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,11 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
     out = Path(out)
     workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
     label_index = {c: k for k, c in enumerate(src.class_names)}
-    with StoreWriter(out, size=cfg.size, plan_id=_plan_id(src, cfg), compression=cfg.compression,
+    plan_id = _plan_id(src, cfg)
+    done = None if overwrite else _complete_report(out, plan_id, len(src.items))
+    if done is not None:
+        return done
+    with StoreWriter(out, size=cfg.size, plan_id=plan_id, compression=cfg.compression,
                      overwrite=overwrite) as w, _pool_ctx(workers) as pool:
         start = w.cursor
         if w.get_meta("listed") is None:
@@ -241,6 +246,26 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
         report.template_seconds = t_tpl
     _write_skipped_csv(report.skipped_csv, skipped)
     return report
+
+
+def _complete_report(out: Path, plan_id: str, n_items: int) -> PrepareReport | None:
+    """The report of an existing complete store built by the same plan (rerunning is a no-op)."""
+    try:
+        with h5py.File(out, "r") as f:
+            same = bool(f.attrs.get("complete", False)) and f.attrs.get("plan_id") == plan_id
+    except OSError:
+        return None  # missing or unreadable: StoreWriter decides
+    if not same:
+        return None
+    s = open_store(out)
+    p = s.provenance
+    log.info("%s is already complete for this source and settings; nothing to do", out)
+    return PrepareReport(
+        out=out, n_items=n_items, n_written=len(s), n_skipped=len(s.skipped),
+        n_stain_failed=int((~s.stain_ok).sum()) if p.get("stain") == "macenko" else 0,
+        stain_failures=p.get("stain_failures", {}), template=p.get("template"), seconds=0.0,
+        images_per_s=0.0, resumed_from=n_items, skipped_csv=skipped_csv_path(out),
+        content_id=s.content_id, notes=p.get("notes", {}))
 
 
 class _pool_ctx:

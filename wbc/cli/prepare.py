@@ -39,7 +39,8 @@ def prepare(
     tpl = f"template {r.template['path']}" if r.template else "no stain normalisation"
     console.print(f"{r.out}: {r.n_written} images stored, {r.n_skipped} skipped (see {r.skipped_csv}), "
                   f"{r.n_stain_failed} stored un-normalised (stain_ok=False); {tpl}; "
-                  f"{r.images_per_s:.1f} images/s" + (f" (resumed at {r.resumed_from})" if r.resumed_from else ""))
+                  + ("already complete, nothing done" if r.resumed_from == r.n_items else
+                     f"{r.images_per_s:.1f} images/s" + (f" (resumed at {r.resumed_from})" if r.resumed_from else "")))
     for reason, n in sorted(r.stain_failures.items(), key=lambda kv: -kv[1]):
         console.print(f"  stain failure: {reason} x{n}")
 
