@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes print one line and exit 2; never a traceback for them."""
     setup_logging()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except WbcError as e:
         console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         sys.exit(2)
@@ -28,5 +28,9 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
+        rc = 130
+    # Outside standalone mode typer returns Exit(130) for Ctrl-C instead of raising it.
+    if rc == 130:
         console.print("interrupted: completed work is kept; rerun the same command to resume")
-        sys.exit(130)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
