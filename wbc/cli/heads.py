@@ -14,7 +14,7 @@ from wbc.log import console
 
 CacheArg = Annotated[str, typer.Argument(
     help="Zarr feature cache from `wbc extract`; '{fold}' in the path = one cache per fold "
-         "(each fold's own Stage-1 backbone).", show_default=False)]
+         "(each fold's own Stage-1 backbone).", show_default=False, metavar="CACHE")]
 LossOpt = Annotated[str, typer.Option(help="ce, cb_ce, focal, cb_focal_hybrid, logit_adjusted, balanced_softmax.")]
 SamplerOpt = Annotated[str, typer.Option(help="class_balanced (weight 1/n_y, with replacement) or instance.")]
 EpochsOpt = Annotated[int, typer.Option(help="Maximum epochs (an epoch = N draws).")]
