@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=0, help="rows to extract (0 = 48 CPU / 4096 GPU)")
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=0, help="0 = 1 on CPU, 8 on GPU")
+    ap.add_argument("--workers", type=int, default=-1, help="loader workers (-1 = auto: 0 CPU, 8 GPU)")
     ap.add_argument("--chunk-rows", type=int, default=0, help="0 = 8 on CPU (several blocks), default on GPU")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved bare/extraction runs")
     ap.add_argument("--threads", type=int, default=1,
@@ -114,8 +114,9 @@ def main() -> None:
     if not cuda and args.threads:
         torch.set_num_threads(args.threads)
     n = args.images or (4096 if cuda else 24)
-    cfg = ExtractConfig(device=args.device, workers=args.workers or (8 if cuda else 1),
+    cfg = ExtractConfig(device=args.device, workers=args.workers,
                         chunk_rows=args.chunk_rows or (0 if cuda else 8), overwrite=True)
+    workers = cfg.workers if cfg.workers >= 0 else ("auto: min(8, cores)" if cuda else "auto: 0")
     k = len(resolve_views(cfg.views))
     batch = cfg.batch_size or (32 if cuda else 8)
     amp = amp_dtype(device, cfg.amp)
@@ -150,7 +151,7 @@ def main() -> None:
     loop_cpu = max(n * k / r["loop_cpu_s"] for r in runs)
     res = {
         "device": str(device), "backbone": args.backbone, "store": f"{kind} ({store_path.name})",
-        "images": n, "views": k, "batch_images": batch, "amp": str(amp), "workers": cfg.workers,
+        "images": n, "views": k, "batch_images": batch, "amp": str(amp), "workers": workers,
         "bare_views_per_s": round(bare_best, 2), "bare_runs": [round(b[0], 2) for b in bares],
         "extract_runs_views_per_s": [round(n * k / r["loop_s"], 2) for r in runs],
         "extract_images_per_s": round(n / t["loop_s"], 2), "extract_views_per_s": round(loop_vps, 2),
@@ -168,7 +169,7 @@ def main() -> None:
     body = (
         f"## Extraction throughput (`tools/bench_extract.py`, {device.type})\n\n"
         f"{args.backbone} (random weights) at 224, K={k} views, {batch} images ({batch * k} views) per "
-        f"forward, AMP {res['amp']}, channels_last, {cfg.workers} loader worker(s); {n} images of the "
+        f"forward, AMP {res['amp']}, channels_last, loader workers {workers}; {n} images of the "
         f"{res['store']} store.\n\n"
         "| measure | views/s | images/s | ratio to bare forward |\n|---|---|---|---|\n"
         f"| bare forward (best of {len(bares)}: {', '.join(f'{b[0]:.1f}' for b in bares)}) | {bare_best:.1f} | "
@@ -181,7 +182,7 @@ def main() -> None:
         f"Per CPU second (this process + loader workers; immune to time-slicing by other users): "
         f"bare {bare_cpu:.2f} views, extraction {loop_cpu:.2f} views, ratio **{res['cpu_ratio']:.2f}**.\n\n"
         f"Inside the loop: waiting for the loader {t['load_wait_s']:.2f} s (of which {t['first_wait_s']:.2f} s "
-        f"for the first block: worker start-up), forward {t['forward_s']:.2f} s, "
+        f"for the first block, incl. any worker start-up), normalise+views+forward {t['forward_s']:.2f} s, "
         f"writer thread {t['write_s']:.2f} s (overlapped) of {t['loop_s']:.2f} s. "
         f"Cache size: {res['cache_bytes_per_image'] / 1024:.1f} KiB per image (fp16, zstd-1).\n\n"
         f"Machine: {res['machine']}. Target: ratio >= 0.9."

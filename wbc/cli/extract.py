@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from wbc.cli.app import app, cache_app
-from wbc.cli.options import Device, Out, Overwrite, Workers
+from wbc.cli.options import Device, Out, Overwrite
 from wbc.log import console
 
 
@@ -23,7 +23,7 @@ def extract_cmd(
     out: Out,
     views: Annotated[str, typer.Option(help="View set (d4, rotations, flips, identity) or comma-separated views.")] = "d4",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass, each x K views (0 = 32 GPU / 8 CPU).")] = 0,
-    workers: Workers = 2,
+    workers: Annotated[int, typer.Option(help="Loader worker processes (-1 = auto: 0 on CPU, 8 on GPU).")] = -1,
     device: Device = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
     chunk_rows: Annotated[int, typer.Option(help="Rows per cache chunk (0 = ~4 MiB of features).")] = 0,

@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import errno
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -51,7 +52,9 @@ ImageFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 class ExtractConfig:
     views: str = "d4"  # the 8 symmetries of the square: label-preserving and pairwise distinct
     batch_size: int = 0  # images per forward pass (each gives K views); 0 = 32 on GPU, 8 on CPU
-    workers: int = 2  # loader processes reading + cropping row blocks (0 = in the main process)
+    # Loader processes reading + cropping row blocks; -1 = auto: none on CPU (decoding is <1% of a
+    # CPU forward, while a forked worker costs ~5-10% in copy-on-write faults), min(8, cores) on GPU.
+    workers: int = -1
     device: str = "auto"
     amp: bool = True  # bf16/fp16 autocast on CUDA (features are stored as fp16 anyway); CPU is fp32
     channels_last: bool = True  # faster convolutions on GPUs and oneDNN CPUs
@@ -182,9 +185,10 @@ class _Blocks(Dataset):
 def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: Dist, image_fn, out) -> dict:
     cuda = d.device.type == "cuda"
     r = int(g.attrs["rows_per_chunk"])
+    workers = cfg.workers if cfg.workers >= 0 else (min(8, os.cpu_count() or 1) if cuda else 0)
     loader = DataLoader(
         _Blocks(st, rows, mine, r, dc, image_fn), batch_size=None, shuffle=False,
-        num_workers=cfg.workers, pin_memory=cuda, prefetch_factor=4 if cfg.workers else None,
+        num_workers=workers, pin_memory=cuda, prefetch_factor=4 if workers else None,
     )
     bs = cfg.batch_size or (32 if cuda else 8)
     t = {"images": 0, "blocks": 0, "load_wait_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
