@@ -52,7 +52,9 @@ def lr_rows(cache_path: Path, folds: list[int]) -> dict[str, list[dict]]:
     y, fold = cache.labels.astype(int), cache.fold
     test = fold == -1
     c = len(cache.class_names)
-    out: dict[str, list[dict]] = {"Frozen ImageNet lite0 + LR": [], "Frozen ImageNet lite0 + LR, 8 views": []}
+    out: dict[str, list[dict]] = {"Frozen ImageNet lite0 + LR": []}
+    if feats.shape[1] > 1:
+        out["Frozen ImageNet lite0 + LR, 8 views"] = []
     for k in folds:
         train = (fold >= 0) & (fold != k)
         scaler = StandardScaler().fit(feats[train, 0])
@@ -61,7 +63,10 @@ def lr_rows(cache_path: Path, folds: list[int]) -> dict[str, list[dict]]:
         p1 = clf.predict(scaler.transform(feats[test, 0]))
         z = np.stack([clf.decision_function(scaler.transform(feats[test, v])) for v in range(feats.shape[1])], 1)
         p8 = softmax(z).mean(1).argmax(1)
-        for name, pred in (("Frozen ImageNet lite0 + LR", p1), ("Frozen ImageNet lite0 + LR, 8 views", p8)):
+        preds = [("Frozen ImageNet lite0 + LR", p1)]
+        if feats.shape[1] > 1:
+            preds.append(("Frozen ImageNet lite0 + LR, 8 views", p8))
+        for name, pred in preds:
             m = classification_metrics(y[test], pred, c)
             out[name].append({key: m[key] for key in HEADLINE})
     return out
@@ -73,13 +78,14 @@ def main() -> None:
     p.add_argument("--out", default="cache/bench")
     p.add_argument("--folds", default="0,1,2,3,4")
     p.add_argument("--crop", type=int, default=160)
+    p.add_argument("--views", default="d4", help="views of the frozen extraction (identity = 8x cheaper)")
     a = p.parse_args()
     out, folds = Path(a.out), [int(x) for x in a.folds.split(",")]
     ckpt = frozen_checkpoint(Path(a.store), out / "runs" / "lite0-imagenet" / "best.pt", a.crop)
     cache = out / "features" / "lite0-imagenet.zarr"
     if not (cache / "zarr.json").exists() or not json.loads((cache / "zarr.json").read_text())["attributes"].get("complete"):
-        subprocess.run([sys.executable, "-m", "wbc", "extract", str(ckpt), "--store", a.store, "--out", str(cache)],
-                       check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "wbc", "extract", str(ckpt), "--store", a.store, "--out", str(cache),
+                        "--views", a.views], check=True, cwd=ROOT)
     heads = out / "runs" / "crt-lite0-imagenet"
     for k in folds:
         if not (heads / f"fold{k}" / "head.pt").exists():

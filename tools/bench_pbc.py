@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=int(env("CROP", "160")))
     p.add_argument("--batch-size", type=int, default=int(env("BATCH", "32")))
     p.add_argument("--lr", type=float, default=float(env("LR", "1e-4")))
+    p.add_argument("--baseline-views", default=env("BASELINE_VIEWS", "d4"))
     p.add_argument("--backbones", default=env("BACKBONES", "lite0,lite1,lite2"))
     p.add_argument("--skip", default=env("SKIP", ""), help="comma list: nostain,ablate,posthoc,baseline")
     a = p.parse_args()
@@ -150,7 +151,8 @@ def main() -> None:
     write_results(a, out, folds, time.time() - t_start)
     if "baseline" not in skip:
         subprocess.run([sys.executable, str(ROOT / "tools" / "bench_baseline.py"), "--store", stores["macenko"],
-                        "--out", out, "--folds", fold_arg, "--crop", str(a.crop)], check=True, cwd=ROOT)
+                        "--out", out, "--folds", fold_arg, "--crop", str(a.crop),
+                        "--views", a.baseline_views], check=True, cwd=ROOT)
     write_results(a, out, folds, time.time() - t_start)
     if "nostain" not in skip:
         ns = stage(stores["nostain"], "lite0-nostain", "lite0", folds, a)
