@@ -13,7 +13,8 @@ Chunks: row blocks of R rows holding all K views and all D dims, (R, K, D) and (
 power of two giving ~4 MiB of features per chunk (128 rows for K=8, D=1280 or 2048). A row block is
 one file read, Stage 2 reads a whole cache in N/R sequential reads, resume loses at most one
 block of work, and ranks of a multi-GPU run own whole blocks, so their writes never touch the same
-file. Features are zstd level 1 compressed (fast to decode; ~0.6-0.9 of the raw size).
+file. Features are zstd level 1 compressed (fast to decode; 0.42 of the raw size for
+EfficientNet-Lite0 features of PBC: 28.6 MiB for 3,338 images x 8 views x 1,280 dims).
 Writes are resumable: a block's `done` flag is set after its rows, zarr's LocalStore writes each
 file atomically (temp file + rename), and the `complete` attribute is set last, after checking
 every flag; readers refuse an incomplete cache.
