@@ -122,7 +122,7 @@ def main() -> None:
     amp = amp_dtype(device, cfg.amp)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        store_path, kind = args.store or REAL_STORE, "real"
+        store_path, kind = args.store or REAL_STORE, "given" if args.store else "real"
         try:
             store = open_store(store_path)
         except WbcError as e:  # not built yet, or still being written
