@@ -84,7 +84,7 @@ def ablate(cache: str | Path, out: Path, specs: list[LossSpec], fold: str | int 
         raise WbcError("the ablation grid is empty")
     out = Path(out)
     folds = resolve_folds(cache, fold)
-    save_config({**run_config(specs[0], cfg, tau, la_tau), "specs": [s.label() for s in specs],
+    save_config({**run_config(specs[0], cfg, tau, la_tau, stream), "specs": [s.label() for s in specs],
                  "folds": folds, "cache": str(cache)}, out / "config.yaml")
     tables = TableCache(cache, folds, int(cfg.memory_gb * 2**30))
     per_fold = [_fold(tables, cache, k, out, specs, cfg, tau, la_tau, save_heads, overwrite, stream)
@@ -101,7 +101,7 @@ def ablate(cache: str | Path, out: Path, specs: list[LossSpec], fold: str | int 
 
 def _fold(tables, cache, k, out: Path, specs, cfg, tau, la_tau, save_heads, overwrite, stream) -> dict:
     table = tables.get(k)
-    key = grid_key(specs, cfg, tau, la_tau, str(table.ids.get("cache_id")))
+    key = grid_key(specs, cfg, tau, la_tau, str(table.ids.get("cache_id")), stream)
     path = out / "folds" / f"fold{k}.json"
     if path.exists() and not overwrite:
         done = json.loads(path.read_text())
@@ -118,7 +118,7 @@ def _fold(tables, cache, k, out: Path, specs, cfg, tau, la_tau, save_heads, over
                for s, f, p in zip(specs, fits, posts)]
     if save_heads:
         for s, f, p in zip(specs, fits, posts):
-            config = {**run_config(s, cfg, tau, la_tau), "val_fold": k, "cache": str(cache_path(cache, k))}
+            config = {**run_config(s, cfg, tau, la_tau, stream), "val_fold": k, "cache": str(cache_path(cache, k))}
             Head(f.weight, f.bias, table.class_names, p.tau, p.logit_adjust, table.ids, config, k).save(
                 out / "heads" / _slug(s.label()) / f"fold{k}" / "head.pt")
     record = {"key": key, "fold": k, "seconds": seconds, "results": results,

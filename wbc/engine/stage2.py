@@ -136,10 +136,12 @@ def parse_tau(tau) -> float | str:
     return value
 
 
-def run_config(spec, cfg: TrainConfig, tau, la_tau: float) -> dict:
-    """What a head is a function of (threads only change speed, so they are left out)."""
+def run_config(spec, cfg: TrainConfig, tau, la_tau: float, stream: bool | None = None) -> dict:
+    """What a head is a function of (threads only change speed, so they are left out; memory_gb
+    and stream decide in-memory vs streamed batches, which mix the same draws differently)."""
     train = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}
-    return {"loss": dataclasses.asdict(spec), "train": train, "tau": str(tau), "logit_adjust": la_tau}
+    return {"loss": dataclasses.asdict(spec), "train": train, "tau": str(tau), "logit_adjust": la_tau,
+            "stream": stream}
 
 
 @dataclass
@@ -182,7 +184,7 @@ def crt(cache: str | Path, out: Path, fold: str | int = "all", spec=None, cfg: T
     tables = TableCache(cache, folds, int(cfg.memory_gb * 2**30))
     for k in folds:
         table = tables.get(k)
-        config = {**run_config(spec, cfg, tau, la_tau), "val_fold": k, "cache": str(cache_path(cache, k))}
+        config = {**run_config(spec, cfg, tau, la_tau, stream), "val_fold": k, "cache": str(cache_path(cache, k))}
         fold_dir = Path(out) / f"fold{k}"
         done = _finished(fold_dir, config, table.ids.get("cache_id"), overwrite)
         if done:
@@ -218,6 +220,6 @@ def _crt_fold(table, k, spec, cfg, tau, la_tau, config, fold_dir: Path, stream) 
     return FoldRun(k, fold_dir / "head.pt", fit.best_epoch, ph.tau, ph.metrics, stage1, seconds)
 
 
-def grid_key(specs, cfg: TrainConfig, tau, la_tau, cache_id: str) -> str:
-    return config_hash({"specs": [to_dict(s) for s in specs], **run_config(specs[0], cfg, tau, la_tau),
+def grid_key(specs, cfg: TrainConfig, tau, la_tau, cache_id: str, stream: bool | None = None) -> str:
+    return config_hash({"specs": [to_dict(s) for s in specs], **run_config(specs[0], cfg, tau, la_tau, stream),
                         "cache_id": cache_id})

@@ -91,6 +91,7 @@ class _Fused:
 
     def __init__(self, w0: torch.Tensor, b0: torch.Tensor, g: int, cfg: TrainConfig, fused: bool = True):
         self.c, self.cfg, self.t, self.fused = w0.shape[0], cfg, 0, fused
+        self.steps = [torch.zeros(()), torch.zeros(())]  # the fused kernel reads the step count here
         self._set(w0.repeat(g, 1), b0.repeat(g))
 
     def _set(self, w, b, m=None, v=None) -> None:
@@ -123,8 +124,9 @@ class _Fused:
         self.t += 1
         if _FUSED_ADAMW is not None and self.fused:
             # torch.optim.AdamW(fused=True)'s kernel: one pass over each tensor instead of eight.
-            steps = [torch.tensor(float(self.t)), torch.tensor(float(self.t))]
-            _FUSED_ADAMW([self.w, self.b], grads, self.m, self.v, [], steps, lr=lr, beta1=b1, beta2=b2,
+            for s in self.steps:
+                s.fill_(self.t)
+            _FUSED_ADAMW([self.w, self.b], grads, self.m, self.v, [], self.steps, lr=lr, beta1=b1, beta2=b2,
                          weight_decay=wd, eps=self.EPS, amsgrad=False, maximize=False)
             return
         c1, c2 = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)
