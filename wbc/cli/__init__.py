@@ -6,12 +6,11 @@ import sys
 
 import click
 
+# Importing the modules registers their commands on `app`.
+from wbc.cli import evaluate, extract, heads, prepare, robustness, train  # noqa: F401
 from wbc.cli.app import app
 from wbc.errors import WbcError
 from wbc.log import console, setup_logging
-
-# Importing the modules registers their commands on `app`.
-from wbc.cli import prepare, train, extract, heads, evaluate, robustness  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
