@@ -230,8 +230,11 @@ def report(r: dict, args, g: int) -> str:
             f"max |weight difference| {r['max_weight_diff']:.1e}). Both do the same FLOPs, so this ratio is "
             "how much better the fused D x G*C GEMMs use the CPU than 27 D x 13 ones (plus shared "
             "gathers and validation reads); it cannot exceed (single wall / single limit) / (grid wall / "
-            "grid limit). Looping `wbc crt` would also reload the cache each time "
-            f"(+{r['load_s']:.1f} s per run here)."),
+            "grid limit). A loop of 27 `wbc crt` runs would also load the fold each time: "
+            f"27 x ({r['load_s']:.1f} s load + {r['sequential_s'] / g:.1f} s) = "
+            f"{g * r['load_s'] + r['sequential_s']:.0f} s vs {r['load_s'] + r['grid_s']:.0f} s for one "
+            f"`wbc ablate`, **{(g * r['load_s'] + r['sequential_s']) / (r['load_s'] + r['grid_s']):.1f}x** "
+            "(computed from the parts measured above)."),
         ]
     s = r["stream"]
     lines += [

@@ -97,16 +97,42 @@ def split_rows(table: FeatureTable, val_fold: int) -> tuple[np.ndarray, np.ndarr
     return train, val
 
 
-def read_rows(features, rows: np.ndarray, block: int, dtype=np.float16) -> np.ndarray:
-    """features[rows] for a zarr or numpy (N, K, D) array, reading one row block at a time."""
-    rows = np.asarray(rows, dtype=np.int64)
-    out = np.empty((len(rows), *features.shape[1:]), dtype=dtype)
-    blocks = rows // block
-    for b in np.unique(blocks):
-        sel = np.flatnonzero(blocks == b)
+def read_row_sets(features, row_sets: list[np.ndarray], block: int) -> list[np.ndarray]:
+    """features[rows] for each row set of a zarr or numpy (N, ...) array, in its stored dtype.
+
+    Each row block (the Zarr chunk) holding any requested row is read and decoded once, whatever
+    the number of sets, so training and validation rows come from one pass over the cache.
+    """
+    sets = [np.asarray(r, dtype=np.int64) for r in row_sets]
+    outs = [np.empty((len(r), *features.shape[1:]), dtype=features.dtype) for r in sets]
+    blocks = np.unique(np.concatenate([r // block for r in sets])) if sets else []
+    spans = []
+    for r in sets:  # rows of each set grouped by block: order[start[i]:stop[i]] lie in blocks[i]
+        order = np.argsort(r, kind="stable")
+        rb = r[order] // block
+        spans.append((order, np.searchsorted(rb, blocks), np.searchsorted(rb, blocks, side="right")))
+    for i, b in enumerate(blocks):
         chunk = np.asarray(features[b * block: (b + 1) * block])
-        out[sel] = chunk[rows[sel] - b * block]
-    return out
+        for r, out, (order, start, stop) in zip(sets, outs, spans):
+            sel = order[start[i]:stop[i]]
+            if len(sel):
+                out[sel] = chunk[r[sel] - b * block]
+    return outs
+
+
+def read_rows(features, rows: np.ndarray, block: int, dtype=None) -> np.ndarray:
+    """features[rows] (one set), converted to dtype if given."""
+    (out,) = read_row_sets(features, [rows], block)
+    return out if dtype is None else to_dtype(out, dtype)
+
+
+def to_dtype(x: np.ndarray, dtype) -> np.ndarray:
+    """x as dtype; torch's conversion (vectorised) is several times faster than numpy's for fp16."""
+    if x.dtype == dtype:
+        return x
+    out = torch.empty(x.shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
+    out.copy_(torch.from_numpy(x))
+    return out.numpy()
 
 
 class InMemorySource:
@@ -115,9 +141,9 @@ class InMemorySource:
     def __init__(self, table: FeatureTable, train_rows: np.ndarray, val_rows: np.ndarray):
         _, k, d = table.shape
         self.k = k
-        train = read_rows(table.features, train_rows, table.rows_per_block)
-        self.train = torch.from_numpy(train).view(-1, d)  # row r, view v at r*K + v
-        self.val = torch.from_numpy(read_rows(table.features, val_rows, table.rows_per_block, np.float32))
+        train, val = read_row_sets(table.features, [train_rows, val_rows], table.rows_per_block)
+        self.train = torch.from_numpy(to_dtype(train, np.float16)).view(-1, d)  # row r, view v at r*K + v
+        self.val = torch.from_numpy(to_dtype(val, np.float32))
         self.resident_bytes = self.train.nbytes + self.val.nbytes
 
     def batches(self, rows: np.ndarray, views: np.ndarray, batch_size: int, rng=None
