@@ -80,6 +80,14 @@ def stage(store: Path, name: str, backbone: str, folds: list[int], a, crt_args=(
     return {"cache": str(cache), "head": str(heads / "fold{fold}" / "head.pt")}
 
 
+def _ablation_best(csv_path: Path) -> dict:
+    """The ablation's configuration with the best validation MF1 (chosen without the test set)."""
+    import csv
+
+    with open(csv_path, newline="") as f:
+        return max(csv.DictReader(f), key=lambda r: float(r["mf1_mean"]))
+
+
 def _finished(fold_dir: Path) -> bool:
     """A Stage-1 fold is finished when its best.pt is marked complete (it exists from epoch 1)."""
     import torch
@@ -143,8 +151,14 @@ def main() -> None:
             heads = out / "runs" / f"crt-lite0-{tag}"
             for k in folds:
                 run(["crt", lc, "--fold", k, "--out", heads, *extra], done=heads / f"fold{k}" / "head.pt")
+        best = _ablation_best(out / "runs" / "ablate-lite0" / "ablate.csv")
+        heads = out / "runs" / "crt-lite0-best"
+        for k in folds:
+            run(["crt", lc, "--fold", k, "--out", heads, "--beta", best["beta"], "--gamma", best["gamma"],
+                 "--lam", best["lam"]], done=heads / f"fold{k}" / "head.pt")
         run(["evaluate", "--no-ensembles",
              "--model", f"cRT:{lc}:{models['lite0']['head']}",
+             "--model", f"cRT best-on-validation ({best['label']}):{lc}:{heads}/fold{{fold}}/head.pt",
              "--model", f"cRT+tau:{lc}:{out}/runs/crt-lite0-tau/fold{{fold}}/head.pt",
              "--model", f"cRT+LA:{lc}:{out}/runs/crt-lite0-la/fold{{fold}}/head.pt",
              "--folds", fold_arg, "--out", out / "reports" / "posthoc"])
