@@ -127,3 +127,32 @@ def write_image_folder(root: str | Path, classes: Sequence[str] = ("A", "B"), n_
             p = {**class_params(k), "nucleus": 0.18 + 0.04 * (k % 3), "eosin": 1.0 + 0.2 * (k % 3)}
             Image.fromarray(stained_image(rng, size, he, **p)).save(root / name / f"{i:03d}.png")
     return root
+
+
+def tiny_checkpoint(path: Path, store, *, crop: int, resize: int, seed: int = 0, fold: int = 0,
+                    model_name: str = "test_efficientnet") -> Path:
+    """A Stage-1 checkpoint (docs/ARCHITECTURE.md section 2) of a tiny random timm model for `store`."""
+    import timm
+    import torch
+
+    from wbc.backbones import data_config
+
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False, num_classes=len(store.class_names))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "wbc.stage1/1", "model": model.state_dict(), "timm_name": model_name,
+                "alias": "test", "class_names": list(store.class_names),
+                "store_content_id": store.content_id, "fold": fold, "config": {},
+                "data_config": data_config(model, crop=crop, resize=resize), "epoch": 1}, path)
+    return path
+
+
+def cli_exit_code(argv: list[str]) -> int:
+    """Run `wbc ARGV` in-process; its exit status (0 when main returns)."""
+    from wbc.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0

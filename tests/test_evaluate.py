@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures import cli_exit_code
 from wbc.cache import create_cache, mark_complete, write_rows
-from wbc.cli import main
 from wbc.engine.evaluate import ModelSpec, evaluate_table, table_rows
 from wbc.ensemble import Member, ensemble_probs, fit_temperature, member_output, softmax, view_probs
 from wbc.errors import WbcError
@@ -151,9 +151,4 @@ def test_write_report_and_cli(tmp_path, caches):
                       "--out", str(tmp_path / "x")]) == 2
 
 
-def exit_code(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+exit_code = cli_exit_code

@@ -11,15 +11,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import timm
-import torch
 import yaml
 from PIL import Image
 
-from tests.fixtures import stained_image
-from wbc.backbones import data_config
+from tests.fixtures import cli_exit_code, stained_image, tiny_checkpoint
 from wbc.cache import open_cache
-from wbc.cli import main
 from wbc.engine.external import evaluate_external, read_labelled
 from wbc.engine.extract import ExtractConfig, extract
 from wbc.engine.predict import load_ensemble, predict, save_ensemble
@@ -47,14 +43,7 @@ def write_images(root: Path, n: int = 6) -> Path:
 
 
 def checkpoint(path: Path, store, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": "wbc.stage1/1", "model": model.state_dict(), "timm_name": "test_efficientnet",
-                "alias": "test", "class_names": CLASSES, "store_content_id": store.content_id,
-                "fold": seed, "config": {}, "data_config": data_config(model, crop=CROP, resize=S),
-                "epoch": 1}, path)
-    return path
+    return tiny_checkpoint(path, store, crop=CROP, resize=S, seed=seed, fold=seed)
 
 
 def random_head(path: Path, cache: Path, seed: int) -> Path:
@@ -105,12 +94,7 @@ def env(tmp_path_factory):
     return build_env(tmp_path_factory.mktemp("external"))
 
 
-def exit_code(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+exit_code = cli_exit_code
 
 
 def test_ensemble_records_member_caches(env, tmp_path):

@@ -5,12 +5,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import timm
-import torch
 from PIL import Image
 
-from tests.fixtures import stained_image
-from wbc.backbones import data_config
+from tests.fixtures import stained_image, tiny_checkpoint
 from wbc.cache import open_cache
 from wbc.cli import main
 from wbc.engine.extract import ExtractConfig, extract
@@ -38,14 +35,7 @@ def write_images(root: Path) -> Path:
 
 
 def checkpoint(path: Path, store, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": "wbc.stage1/1", "model": model.state_dict(), "timm_name": "test_efficientnet",
-                "alias": "test", "class_names": CLASSES, "store_content_id": store.content_id,
-                "fold": 0, "config": {}, "data_config": data_config(model, crop=CROP, resize=S),
-                "epoch": 1}, path)
-    return path
+    return tiny_checkpoint(path, store, crop=CROP, resize=S, seed=seed, fold=0)
 
 
 @pytest.fixture(scope="module")
