@@ -61,12 +61,7 @@ def train_epoch(
             scaled = loss / group
             (scaler.scale(scaled) if scaler else scaled).backward()
         if sync:
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, scaler)
         total += loss.item() * len(y)
         seen += len(y)
         if bar is not None:
@@ -90,3 +85,13 @@ def predict(model: torch.nn.Module, loader: DataLoader, s: StepSetup) -> tuple[n
     if not preds:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), 0.0
     return np.concatenate(preds), np.concatenate(labels), loss
+
+
+def optimizer_step(opt, scaler) -> None:
+    """One optimizer step (through the fp16 GradScaler when there is one), then clear gradients."""
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from wbc.backbones import create_backbone
 from wbc.device import amp_dtype, resolve_device
+from wbc.engine.loops import optimizer_step
 
 
 def train_throughput(
@@ -39,12 +40,7 @@ def train_throughput(
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(model(x), y)
         (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, scaler)
 
     def sync() -> None:
         if dev.type == "cuda":
