@@ -37,4 +37,4 @@ demo: $(STAMP)
 	bash tools/demo.sh
 
 bench: $(STAMP)
-	bash tools/bench_pbc.sh
+	$(PY) tools/bench_pbc.py

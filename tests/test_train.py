@@ -229,3 +229,12 @@ def test_throughput_probe_runs_both_precisions():
     r = amp_speedup("test_resnet", batch_size=2, image_size=32, steps=1, warmup=1, device="cpu")
     assert r["fp32"]["images_per_s"] > 0 and r["amp"]["images_per_s"] > 0 and r["speedup"] > 0
     assert r["amp"]["amp"] == "fp32"  # autocast is CUDA-only in Stage 1: CPU stays fp32
+
+
+def test_loader_workers_reproduce_the_same_weights(store, tmp_path):
+    """Augmentation in 2 DataLoader workers draws from seeds fixed by (seed, epoch): same run twice, same weights."""
+    cfg = TrainConfig(**{**FAST.__dict__, "augment": "randaugment", "workers": 2, "epochs": 1})
+    (a,) = train(store, tmp_path / "a", cfg, fold=0)
+    (b,) = train(store, tmp_path / "b", cfg, fold=0)
+    wa, wb = _weights(a / "last.pt"), _weights(b / "last.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -61,23 +61,23 @@ def store_done(path: Path) -> Path:
     return marker
 
 
-def stage(store: Path, name: str, backbone: str, folds: list[int], a, crt_args=()) -> dict:
-    """train -> extract -> crt for each fold; returns the caches/heads path templates."""
+def stage(store: Path, name: str, backbone: str, folds: list[int], a, crt_args=(), train_extra=()) -> dict:
+    """train -> extract -> crt for each fold; returns the run dir and the caches/heads path templates."""
     run_dir = Path(a.out) / "runs" / name
     cache = Path(a.out) / "features" / f"{name}-fold{{fold}}.zarr"
     heads = Path(a.out) / "runs" / f"crt-{name}"
     for k in folds:
         fold_dir = run_dir / f"fold{k}"
         resume = ["--resume"] if (fold_dir / "last.pt").exists() else []
-        run(["train", store, "--backbone", backbone, "--pretrained", "package", "--fold", k,
+        run(["train", store, "--backbone", backbone, "--pretrained", getattr(a, "pretrained", "package"), "--fold", k,
              "--epochs", a.epochs, "--crop", a.crop, "--batch-size", a.batch_size, "--lr", a.lr,
-             "--out", run_dir, *resume], done=fold_dir / "best.pt" if _finished(fold_dir) else None)
+             *train_extra, "--out", run_dir, *resume], done=fold_dir / "best.pt" if _finished(fold_dir) else None)
         ck = Path(str(cache).format(fold=k))
         run(["extract", run_dir / f"fold{k}" / "best.pt", "--store", store, "--out", ck],
             done=ck if _complete(ck) else None)
         run(["crt", str(cache), "--fold", k, "--out", heads, *crt_args],
             done=heads / f"fold{k}" / "head.pt")
-    return {"cache": str(cache), "head": str(heads / "fold{fold}" / "head.pt")}
+    return {"run": run_dir, "cache": str(cache), "head": str(heads / "fold{fold}" / "head.pt")}
 
 
 def _ablation_best(csv_path: Path) -> dict:
@@ -101,6 +101,16 @@ def _complete(cache: Path) -> bool:
     return p.exists() and bool(json.loads(p.read_text()).get("attributes", {}).get("complete"))
 
 
+def parse_folds(text: str) -> list[int]:
+    """"0,1" -> [0, 1]; "all" -> the five folds (the Makefile's FOLDS default)."""
+    if text.strip() == "all":
+        return [0, 1, 2, 3, 4]
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        sys.exit(f"error: FOLDS must be 'all' or a comma list of fold indices such as 0,1 (got {text!r})")
+
+
 def main() -> None:
     env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,7 +126,7 @@ def main() -> None:
     p.add_argument("--backbones", default=env("BACKBONES", "lite0,lite1,lite2"))
     p.add_argument("--skip", default=env("SKIP", ""), help="comma list: nostain,ablate,posthoc,baseline")
     a = p.parse_args()
-    folds = [int(x) for x in a.folds.split(",")]
+    folds = parse_folds(a.folds)
     skip = set(filter(None, a.skip.split(",")))
     out = Path(a.out)
     manifest = Path(a.data) / "manifest.csv"

@@ -39,25 +39,10 @@ from tools.benchlib import BENCH, machine, write_section
 run = bench_pbc.run
 
 
-def stage(store: Path, name: str, a, train_extra: list[str]) -> dict:
-    """train -> extract -> crt per fold, with bench_pbc's paths (so its outputs are reused)."""
-    run_dir = Path(a.out) / "runs" / name
-    cache = Path(a.out) / "features" / f"{name}-fold{{fold}}.zarr"
-    heads = Path(a.out) / "runs" / f"crt-{name}"
-    for k in a.fold_list:
-        run(["train", store, "--backbone", a.backbone, "--pretrained", a.pretrained, "--fold", k,
-             "--epochs", a.epochs, "--crop", a.crop, "--batch-size", a.batch_size, *train_extra,
-             "--out", run_dir], done=run_dir / f"fold{k}" / "best.pt")
-        ck = Path(str(cache).format(fold=k))
-        run(["extract", run_dir / f"fold{k}" / "best.pt", "--store", store, "--out", ck],
-            done=ck if bench_pbc._complete(ck) else None)
-        run(["crt", str(cache), "--fold", k, "--out", heads], done=heads / f"fold{k}" / "head.pt")
-    return {"run": run_dir, "cache": str(cache), "head": str(heads / "fold{fold}" / "head.pt")}
-
-
 def variant(name: str, store: Path, a, train_extra: list[str]) -> dict:
     """Stage the variant, save its ensemble (with caches), score PBC-LT, JTSC and degradations."""
-    m = stage(store, name, a, train_extra)
+    # bench_pbc's own stage (same paths and Stage-1 arguments), so its runs are reused as they are.
+    m = bench_pbc.stage(store, name, a.backbone, a.fold_list, a, train_extra=train_extra)
     out = Path(a.out) / "reports" / "robustness-bench"
     ens = Path(a.out) / "ensembles" / f"{name}.yaml"
     members, deps = [], []
@@ -138,7 +123,7 @@ def render(a, results: list[dict], flags: dict, seconds: float, png: Path) -> st
     rb, jt = results[0]["rb"], results[0]["jt"]
     lines = [
         "## Robustness (`tools/bench_robustness.py`)", "",
-        (f"{a.backbone} + cRT, folds {','.join(map(str, a.fold_list))} ({a.epochs} epochs, crop {a.crop}); "
+        (f"{a.backbone} + cRT, folds {','.join(map(str, a.fold_list))} ({a.epochs} epochs, crop {a.crop}, lr {a.lr:g}); "
         f"degradation training: `wbc train --augment {a.deg_augment}`."),
         (f"PBC-LT: held-out test ({rb['n_test']} cells), decoupled row, mean ± std over the fold models. "
         f"JTSC: {jt['n_images']} cells from another lab (stain, camera), label map `{a.label_map}`, "
@@ -180,6 +165,8 @@ def main() -> None:
     p.add_argument("--folds", default=env("FOLDS", "0,1,2,3,4"))
     p.add_argument("--crop", type=int, default=int(env("CROP", "160")))
     p.add_argument("--batch-size", type=int, default=int(env("BATCH", "32")))
+    p.add_argument("--lr", type=float, default=float(env("LR", "1e-4")))
+    p.add_argument("--stores", default=env("STORES", "cache/images"), help="where bench_pbc's stores live")
     p.add_argument("--size", type=int, default=int(env("SIZE", "368")), help="stored image side (prepare)")
     p.add_argument("--deg-augment", default=env("DEG_AUGMENT", "degradations"))
     p.add_argument("--label-map", default=env("LABEL_MAP", "SNE=NE,BNE=NE"))
@@ -190,10 +177,10 @@ def main() -> None:
     p.add_argument("--skip", default=env("SKIP", ""), help="comma list: nostain, deg")
     p.add_argument("--bench-file", type=Path, default=BENCH, help="where the section is written")
     a = p.parse_args()
-    a.fold_list = [int(x) for x in a.folds.split(",")]
+    a.fold_list = bench_pbc.parse_folds(a.folds)
     skip = set(filter(None, a.skip.split(",")))
     out, t0 = Path(a.out), time.time()
-    stores = {True: out / "images" / "pbc-lt.h5", False: out / "images" / "pbc-lt-nostain.h5"}
+    stores = {True: Path(a.stores) / "pbc-lt.h5", False: Path(a.stores) / "pbc-lt-nostain.h5"}
     b, deg_args = a.backbone, ["--augment", a.deg_augment]
     plan = [(b, True, False, []), (f"{b}-nostain", False, False, []),
             (f"{b}-deg", True, True, deg_args), (f"{b}-nostain-deg", False, True, deg_args)]
