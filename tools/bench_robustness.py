@@ -14,7 +14,8 @@ Every step is a `wbc` command skipped when its output is complete (the PBC-LT be
 Stage-1 runs, caches and heads under --out are reused as they are), so an interrupted run resumes;
 degraded features are kept in the members' caches and read back by a rerun.
 
-Scale knobs (flags or environment): FOLDS, EPOCHS, CROP, BATCH, BACKBONE, MAX_IMAGES (test subset
+Scale knobs (flags or environment): FOLDS, EPOCHS, CROP, BATCH, LR (pass bench_pbc's, so its runs are
+reused), STORES, BENCH_OUT, BACKBONE, MAX_IMAGES (test subset
 for the degraded extraction, 0 = all), VIEWS (degraded extraction; default identity: 8x cheaper
 than the caches' d4), SEVERITIES, DEGRADATIONS (default all), DEG_AUGMENT (the train augmentation
 of the -deg variants).
