@@ -117,3 +117,19 @@ def test_written_out_adamw_matches_torch_adamw(fused):
     torch.testing.assert_close(ours.w[:4], w.detach())  # rows 4..15 are GEMM padding
     torch.testing.assert_close(ours.b[:4], b.detach())
     assert not ours.w[4:].any() and not ours.b[4:].any()
+
+
+def test_fold_lists_pick_those_folds_and_bad_folds_exit_cleanly(tmp_path):
+    from wbc.engine.stage2 import resolve_folds
+
+    d = long_tailed(counts=(120, 50, 20, 9), k=3, d=12, seed=6)
+    cache = write_cache(tmp_path / "c.zarr", d, chunk_rows=16)
+    assert resolve_folds(cache, "all") == [0, 1, 2]
+    assert resolve_folds(cache, "2,0,2") == [2, 0] and resolve_folds(cache, 1) == [1]
+    out = tmp_path / "ab"
+    args = ["ablate", cache, "--out", out, "--beta", "0.9", "--gamma", "0", "--lam", "0",
+            "--epochs", "2", "--batch-size", "32", "--threads", "1"]
+    assert run_cli(*args, "--fold", "0,2") == 0
+    assert sorted(p.name for p in (out / "folds").iterdir()) == ["fold0.json", "fold2.json"]
+    for bad in ("5", "0,x", "-1", ""):
+        assert run_cli(*args, "--fold", bad, "--overwrite") == 2

@@ -152,7 +152,7 @@ def main() -> None:
 
     write_results(a, out, folds, time.time() - t_start)
     if "ablate" not in skip:
-        run(["ablate", models["lite0"]["cache"], "--fold", fold_arg if len(folds) == 1 else "all",
+        run(["ablate", models["lite0"]["cache"], "--fold", fold_arg,
              "--out", out / "runs" / "ablate-lite0", "--overwrite"])
     write_results(a, out, folds, time.time() - t_start)
     if "posthoc" not in skip:

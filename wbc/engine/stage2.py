@@ -48,12 +48,21 @@ def open_table(path: str | Path) -> FeatureTable:
 
 
 def resolve_folds(cache: str | Path, fold: str | int) -> list[int]:
-    """'all' = every CV fold of the cache (of fold 0's cache when CACHE holds '{fold}')."""
+    """'all' = every CV fold of the cache (of fold 0's cache when CACHE holds '{fold}');
+    '0,1' = those folds (e.g. the folds whose Stage-1 runs exist)."""
     if str(fold) != "all":
         try:
-            return [int(fold)]
+            folds = [int(x) for x in str(fold).split(",") if x.strip()]
         except ValueError:
-            raise WbcError(f"--fold must be a fold index or 'all', got {fold!r}") from None
+            folds = []
+        if not folds or any(k < 0 for k in folds):
+            raise WbcError(f"--fold must be a fold index, a comma list such as 0,1, or 'all'; got {fold!r}")
+        known = open_table(cache_path(cache, folds[0])).folds
+        bad = [k for k in folds if k not in known]
+        if bad:
+            raise WbcError(f"fold {bad[0]} is not a CV fold of {cache_path(cache, folds[0])} (folds: "
+                           f"{', '.join(map(str, known)) or 'none'})")
+        return list(dict.fromkeys(folds))
     folds = open_table(cache_path(cache, 0)).folds
     if not folds:
         raise WbcError(f"{cache_path(cache, 0)} has no CV folds (every row is test or unused); "
