@@ -58,3 +58,21 @@ def test_augment_registry():
     assert y.shape == x.shape and y.dtype == torch.uint8
     with pytest.raises(WbcError, match="randaugment"):
         train_transform("mixup")
+
+
+def test_zoom_image_shrinks_into_background_or_crops():
+    from PIL import Image
+
+    from wbc.sources import zoom_image
+
+    rng = np.random.default_rng(0)
+    img = np.full((40, 40, 3), (230, 200, 180), np.uint8)  # slide background
+    img[10:30, 10:30] = rng.integers(0, 120, (20, 20, 3))  # the cell
+    assert zoom_image(img, 1.0) is img
+    out = zoom_image(img, 0.5)
+    assert out.shape == img.shape
+    small = np.asarray(Image.fromarray(img).resize((20, 20), Image.BICUBIC))
+    assert np.array_equal(out[10:30, 10:30], small)  # content shrunk about the centre
+    assert (out[:10] == (230, 200, 180)).all() and (out[:, 30:] == (230, 200, 180)).all()  # background fill
+    big = np.asarray(Image.fromarray(img).resize((80, 80), Image.BICUBIC))
+    assert np.array_equal(zoom_image(img, 2.0), big[20:60, 20:60])

@@ -148,8 +148,27 @@ def test_cli_external_lists_unmapped_model_classes(env, tmp_path):
     assert exit_code(["evaluate", "--ensemble", str(env.ensemble), "--external", str(manifest),
                       "--label-map", "A=X,B=X", "--out", str(out), "--device", "cpu"]) == 0
     doc = json.loads((out / "report.json").read_text())
-    assert doc["unmapped_model"] == ["C"] and doc["unscorable"] == ["Z"]
+    assert doc["unmapped_model"] == ["C"] and doc["unscorable"] == ["Z"] and doc["zoom"] == 1.0
     assert "no counterpart in the set: C" in (out / "report.md").read_text()
+
+
+def test_zoom_is_the_predict_path_on_rescaled_images(env, tmp_path):
+    """--zoom Z: the store's stain normalisation on the image's own pixels, then the zoom, then the resize."""
+    from wbc.sources import resize_square, zoom_image
+    from wbc.stain import normalise_like, preprocess_like_store
+
+    manifest = write_external(tmp_path / "ext", ["X"] * 3 + ["C"] * 3, broken=False)
+    prov = load_ensemble(env.ensemble).provenance
+    img = tmp_path / "ext" / "img" / "0.png"
+    rgb = np.asarray(Image.open(img).convert("RGB"))
+    want = resize_square(zoom_image(normalise_like(prov, rgb)[0], 0.5), int(prov["settings"]["size"]))
+    assert np.array_equal(preprocess_like_store(img, prov, 0.5), want)
+    assert not np.array_equal(preprocess_like_store(img, prov, 1.0), want)
+    res = evaluate_external(env.ensemble, manifest, tmp_path / "rep", "A=X,B=X", device="cpu", zoom=0.5)
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["zoom"] == 0.5
+    assert res.rows[-1].folds[0]["n"] == 6
+    assert exit_code(["predict", str(tmp_path / "ext" / "img"), "--ensemble", str(env.ensemble), "--zoom", "0",
+                      "--out", str(tmp_path / "q.csv")]) == 2
 
 
 def test_bad_input(env, tmp_path, capsys):

@@ -15,7 +15,7 @@ Stage-1 runs, caches and heads under --out are reused as they are), so an interr
 degraded features are kept in the members' caches and read back by a rerun.
 
 Scale knobs (flags or environment): FOLDS, EPOCHS, CROP, BATCH, LR (pass bench_pbc's, so its runs are
-reused), STORES, BENCH_OUT, BACKBONE, MAX_IMAGES (test subset
+reused), STORES, BENCH_OUT, BACKBONE, JTSC_ZOOM (default: estimated), MAX_IMAGES (test subset
 for the degraded extraction, 0 = all), VIEWS (degraded extraction; default identity: 8x cheaper
 than the caches' d4), SEVERITIES, DEGRADATIONS (default all), DEG_AUGMENT (the train augmentation
 of the -deg variants).
@@ -58,13 +58,23 @@ def variant(name: str, store: Path, a, train_extra: list[str]) -> dict:
     run(["evaluate", "--ensemble", ens, "--external", Path(a.jtsc) / "manifest.csv",
          "--label-map", a.label_map, "--out", jtsc, "--title", f"JTSC: {name}"],
         done=jtsc / "report.json" if _newer(jtsc / "report.json", ens) else None)
+    # The same at the cell scale of PBC-LT: JTSC's 120 px crops show cells ~1.6x wider (tools/cell_scale.py).
+    jz = out / "jtsc-zoom" / name
+    run(["evaluate", "--ensemble", ens, "--external", Path(a.jtsc) / "manifest.csv", "--zoom", a.jtsc_zoom,
+         "--label-map", a.label_map, "--out", jz, "--title", f"JTSC at zoom {a.jtsc_zoom:g}: {name}"],
+        done=jz / "report.json" if _newer(jz / "report.json", ens) and _zoom_of(jz) == a.jtsc_zoom else None)
     extra = ["--max-images", a.max_images, "--severities", a.severities]
     extra += ["--views", a.views] if a.views else []
     for d in filter(None, a.degradations.split(",")):
         extra += ["--degradation", d]
     run(["robustness", store, "--ensemble", ens, "--out", out / "robustness" / name, *extra])
-    return {"pbc": out / "pbc" / name / "report.json", "jtsc": jtsc / "report.json",
+    return {"pbc": out / "pbc" / name / "report.json", "jtsc": jtsc / "report.json", "jtsc_zoom": jz / "report.json",
             "robustness": out / "robustness" / name / "robustness.json"}
+
+
+def _zoom_of(report_dir: Path) -> float | None:
+    p = report_dir / "report.json"
+    return json.loads(p.read_text()).get("zoom") if p.exists() else None
 
 
 def _newer(path: Path, *deps: Path) -> bool:
@@ -81,6 +91,7 @@ def summarise(name: str, paths: dict) -> dict:
     pbc = json.loads(paths["pbc"].read_text())
     dec = next(r for r in pbc["rows"] if r["kind"] == "decoupled")
     jt = json.loads(paths["jtsc"].read_text())
+    jz = json.loads(paths["jtsc_zoom"].read_text())
     rb = json.loads(paths["robustness"].read_text())
     members = [s for s in rb["summary"] if not s["row"].startswith("Ensemble")]
     ens = rb["summary"][-1]
@@ -93,6 +104,7 @@ def summarise(name: str, paths: dict) -> dict:
     return {"name": name, "pbc": f"{100 * dec['mf1']['mean']:.1f} ± {100 * dec['mf1']['std']:.1f}",
             "jtsc_ens": f"{100 * jt['rows'][-1]['mf1']['mean']:.1f}",
             "jtsc_members": _ms([r["mf1"]["mean"] for r in jt["rows"][:-1]]) if len(jt["rows"]) > 1 else "-",
+            "jtsc_zoom": f"{100 * jz['rows'][-1]['mf1']['mean']:.1f}",
             "deg_ens": f"{100 * ens['mean_mf1']:.1f}", "clean_ens": f"{100 * ens['clean_mf1']:.1f}",
             "deg_members": _ms([s["mean_mf1"] for s in members]) if len(rb["summary"]) > 1 else "-",
             "per_deg": per_deg, "curve": curve, "rb": rb, "jt": jt}
@@ -129,17 +141,21 @@ def render(a, results: list[dict], flags: dict, seconds: float, png: Path) -> st
         (f"PBC-LT: held-out test ({rb['n_test']} cells), decoupled row, mean ± std over the fold models. "
         f"JTSC: {jt['n_images']} cells from another lab (stain, camera), label map `{a.label_map}`, "
         f"{jt['n_scored']} scored; model classes with no counterpart: {', '.join(jt['unmapped_model']) or 'none'}. "
+        f"JTSC's 120 px crops show the cells wider than PBC-LT's frames do; the zoom column shrinks each image's "
+        f"content by {a.jtsc_zoom:g} inside its frame (`--zoom`, padding with the background) to PBC-LT's cell "
+        "scale, estimated without labels by `tools/cell_scale.py`. "
         f"Degraded: {rb['n_images']} test cells, views {', '.join(rb['views'])}, degradations "
         f"{', '.join(rb['degradations'])} at severities {', '.join(map(str, rb['severities'][1:]))}; "
         "mean MF1 over all of them. Ensemble = the fold models' mean softmax. MF1 in percent."), "",
         ("| Macenko | degradation training | PBC-LT test MF1 | JTSC MF1 (ensemble) | JTSC MF1 (fold models) "
+        f"| JTSC MF1 at zoom {a.jtsc_zoom:g} (ensemble) "
         "| degraded MF1 (ensemble) | degraded MF1 (fold models) | clean MF1 (ensemble, same views) |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         mac, deg = flags[r["name"]]
         lines.append(f"| {'on' if mac else 'off'} | {'on' if deg else 'off'} | {r['pbc']} | {r['jtsc_ens']} | "
-                     f"{r['jtsc_members']} | {r['deg_ens']} | {r['deg_members']} | {r['clean_ens']} |")
+                     f"{r['jtsc_members']} | {r['jtsc_zoom']} | {r['deg_ens']} | {r['deg_members']} | {r['clean_ens']} |")
     degs = list(results[0]["per_deg"])
     lines += ["", "Ensemble MF1 per degradation (mean over severities):", "",
               "| variant | " + " | ".join(degs) + " |", "|---|" + "---:|" * len(degs)]
@@ -171,6 +187,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=int(env("SIZE", "368")), help="stored image side (prepare)")
     p.add_argument("--deg-augment", default=env("DEG_AUGMENT", "degradations"))
     p.add_argument("--label-map", default=env("LABEL_MAP", "SNE=NE,BNE=NE"))
+    p.add_argument("--jtsc-zoom", type=float, default=float(env("JTSC_ZOOM", "0") or 0),
+                   help="--zoom for the JTSC rerun (0: estimate with tools/cell_scale.py)")
     p.add_argument("--max-images", type=int, default=int(env("MAX_IMAGES", "0")))
     p.add_argument("--views", default=env("VIEWS", "identity"))
     p.add_argument("--severities", default=env("SEVERITIES", "1,2,3,4"))
@@ -179,6 +197,11 @@ def main() -> None:
     p.add_argument("--bench-file", type=Path, default=BENCH, help="where the section is written")
     a = p.parse_args()
     a.fold_list = bench_pbc.parse_folds(a.folds)
+    if not a.jtsc_zoom:
+        from tools.cell_scale import median_size
+
+        t, e = (median_size(Path(m) / "manifest.csv", 200)[0] for m in (a.data, a.jtsc))
+        a.jtsc_zoom = round(t / e, 2)
     skip = set(filter(None, a.skip.split(",")))
     out, t0 = Path(a.out), time.time()
     stores = {True: Path(a.stores) / "pbc-lt.h5", False: Path(a.stores) / "pbc-lt-nostain.h5"}

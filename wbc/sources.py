@@ -104,6 +104,36 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
 
 
+def zoom_image(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """Magnify the content by `factor` about the centre, keeping the frame size.
+
+    Matches another microscope's or crop's scale to the training images' (`--zoom` of predict and
+    external evaluation): factor < 1 zooms out, shrinking the image into a frame padded with the
+    median colour of its border (the slide background); factor > 1 zooms in (centre crop).
+    """
+    if factor == 1.0:
+        return rgb
+    h, w = rgb.shape[:2]
+    nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+    scaled = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BICUBIC))
+    if factor > 1.0:
+        y, x = (nh - h) // 2, (nw - w) // 2
+        return np.ascontiguousarray(scaled[y:y + h, x:x + w])
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    out = np.empty_like(rgb)
+    out[:] = np.median(border, axis=0).astype(rgb.dtype)
+    y, x = (h - nh) // 2, (w - nw) // 2
+    out[y:y + nh, x:x + nw] = scaled
+    return out
+
+
+def check_zoom(factor: float) -> float:
+    """A usable --zoom (0.05..20], else a one-line WbcError."""
+    if not 0.05 <= factor <= 20:
+        raise WbcError(f"--zoom must be between 0.05 and 20 (1 = as is, 0.5 = cells half as wide); got {factor}")
+    return float(factor)
+
+
 # -- listing --------------------------------------------------------------------------------
 def open_source(source: str | Path) -> Source:
     """Dispatch on the path: a directory of class folders, a .csv manifest, or .parquet file(s)."""

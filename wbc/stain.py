@@ -167,15 +167,16 @@ def medoid(stain_matrices: Sequence[np.ndarray] | np.ndarray) -> tuple[int, floa
     return i, float(total[i] / max(len(m) - 1, 1))
 
 
-def preprocess_like_store(source: str | Path | bytes, provenance: dict) -> np.ndarray:
+def preprocess_like_store(source: str | Path | bytes, provenance: dict, zoom: float = 1.0) -> np.ndarray:
     """A new image exactly as `wbc prepare` stored it: decode -> RGB -> the store's Macenko
-    template (if any) -> resize to the store's size. Returns (S, S, 3) uint8.
+    template (if any) -> [zoom: rescale the content within its frame, see `zoom_image`] ->
+    resize to the store's size. Returns (S, S, 3) uint8.
 
     source: a file path or the file's bytes; provenance: `ImageStore.provenance`. Raises
     WbcError for unreadable or non-image input; a Macenko failure keeps the image (logged).
     """
     from wbc.errors import WbcError
-    from wbc.sources import ImageDecodeError, decode_image, resize_square
+    from wbc.sources import ImageDecodeError, decode_image, resize_square, zoom_image
 
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -184,7 +185,8 @@ def preprocess_like_store(source: str | Path | bytes, provenance: dict) -> np.nd
         raise WbcError(f"{source if not isinstance(source, bytes) else '<bytes>'}: {e}") from None
     if not note.startswith("grayscale"):
         rgb, _ = normalise_like(provenance, rgb)
-    return resize_square(rgb, int(provenance["settings"]["size"]))
+    # Zoom after normalising: Macenko's stain estimate sees the image's own pixels, not padding.
+    return resize_square(zoom_image(rgb, zoom), int(provenance["settings"]["size"]))
 
 
 def normalise_like(provenance: dict, image: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from wbc.cli.app import app, ensemble_app
-from wbc.cli.options import Device, LabelMapOption, Out
+from wbc.cli.options import Device, LabelMapOption, Out, ZoomOpt
 from wbc.errors import WbcError
 from wbc.log import console
 
@@ -60,6 +60,7 @@ def evaluate(
         "classified through the full predict path of --ensemble.")] = None,
     label_map: LabelMapOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch (with --external).")] = 32,
+    zoom: ZoomOpt = 1.0,
     device: Device = "auto",
 ) -> None:
     """Table 1 on the held-out test (supervised, decoupled and ensemble rows, mean +- std over folds),
@@ -67,7 +68,7 @@ def evaluate(
     if external is not None or ensemble is not None:
         if model:
             raise WbcError("--model scores cached features, --external an --ensemble's images: give one or the other")
-        _external(ensemble, external, label_map, out or Path("reports/external"), batch_size, device, title)
+        _external(ensemble, external, label_map, out or Path("reports/external"), batch_size, device, title, zoom)
         return
     from wbc.engine.evaluate import evaluate_table
     from wbc.report import rich_table, write_report
@@ -84,13 +85,13 @@ def evaluate(
     console.print(f"report: {paths['md']}  json: {paths['json']}  confusion: {paths['png']}")
 
 
-def _external(ensemble, external, label_map, out, batch_size, device, title) -> None:
+def _external(ensemble, external, label_map, out, batch_size, device, title, zoom) -> None:
     from wbc.engine.external import evaluate_external, rich_rows
 
     if ensemble is None or external is None:
         raise WbcError("external evaluation needs both --ensemble ENSEMBLE.yaml and --external MANIFEST")
     res = evaluate_external(ensemble, external, out, label_map, batch_size=batch_size, device=device,
-                            title=title)
+                            title=title, zoom=zoom)
     console.print(rich_rows(res.rows, f"{external} ({res.rows[-1].folds[0]['n']} images scored)"))
     lm = res.label_map
     console.print(f"model classes with no counterpart: {', '.join(lm.unmapped_model) or 'none'}; "
@@ -123,12 +124,13 @@ def predict(
     ensemble: Annotated[Path, typer.Option(help="ENSEMBLE.yaml from `wbc ensemble save`.")],
     out: Out = Path("predictions.csv"),
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    zoom: ZoomOpt = 1.0,
     device: Device = "auto",
 ) -> None:
     """Classify new cells with the full path: stain template, resize/crop, K views, members, averaging."""
     from wbc.engine.predict import predict as run_predict
 
-    result = run_predict(images, ensemble, out, batch_size=batch_size, device=device)
+    result = run_predict(images, ensemble, out, batch_size=batch_size, device=device, zoom=zoom)
     console.print(f"{result.n_ok} images classified -> {result.out}")
     if result.failed:
         console.print(f"[yellow]{len(result.failed)} images could not be read; listed in {result.failed_path}[/]")

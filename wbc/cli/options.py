@@ -27,3 +27,7 @@ Degradations = Annotated[
         "jpeg, stain_jitter, none. Default: all.",
     ),
 ]
+ZoomOpt = Annotated[float, typer.Option(
+    help="Rescale each image's content within its frame before the store's resize, to match the training "
+    "cells' scale (another camera or tighter crops): 0.6 = cells 0.6x as wide, padded with the background; "
+    "`tools/cell_scale.py` estimates it without labels.")]

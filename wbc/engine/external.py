@@ -67,7 +67,7 @@ def read_labelled(source: str | Path) -> tuple[list[Path], list[str]]:
     return paths, [str(y) for y in labels]
 
 
-def member_probs(ensemble, paths: list[Path], batch_size: int = 32, device: str = "auto"):
+def member_probs(ensemble, paths: list[Path], batch_size: int = 32, device: str = "auto", zoom: float = 1.0):
     """Each member's view-averaged probabilities through the predict path.
 
     Returns probs (M, N_ok, C) float64, ok (N,) bool (image readable), failed [(path, reason)].
@@ -87,7 +87,7 @@ def member_probs(ensemble, paths: list[Path], batch_size: int = 32, device: str 
             batch = []
             for i in range(start, min(start + batch_size, len(paths))):
                 try:
-                    batch.append(preprocess_like_store(paths[i], ensemble.provenance))
+                    batch.append(preprocess_like_store(paths[i], ensemble.provenance, zoom))
                     ok[i] = True
                 except WbcError as e:
                     failed.append((str(paths[i]), str(e)))
@@ -127,16 +127,19 @@ def score_row(name: str, kind: str, members: tuple[str, ...], probs: np.ndarray,
 
 def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | Path,
                       label_map: str | Path | None = None, batch_size: int = 32,
-                      device: str = "auto", title: str | None = None) -> ExternalResult:
+                      device: str = "auto", title: str | None = None, zoom: float = 1.0) -> ExternalResult:
     """Classify and score the labelled set `source`; write report.md/json, confusion.png and
-    predictions.csv under `out`. label_map: `MODEL=SET,...`, a .yaml/.csv file, or None."""
+    predictions.csv under `out`. label_map: `MODEL=SET,...`, a .yaml/.csv file, or None.
+    zoom: rescale each image's content within its frame (match the training images' cell scale)."""
     from wbc.engine.predict import load_ensemble
+    from wbc.sources import check_zoom
 
+    zoom = check_zoom(zoom)
     ens = load_ensemble(Path(ensemble_path))
     paths, labels = read_labelled(source)
     set_labels = sorted(set(labels))
     lm = LabelMap.parse(label_map, ens.class_names, set_labels)  # bad maps fail before any forward
-    probs, ok, failed = member_probs(ens, paths, batch_size, device)
+    probs, ok, failed = member_probs(ens, paths, batch_size, device, zoom)
     if not ok.any():
         raise WbcError(f"{source}: none of the {len(paths)} images could be read (e.g. {failed[0][1]})")
     y = [lab for lab, good in zip(labels, ok) if good]
@@ -156,7 +159,7 @@ def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | 
     paths_out = write_external_report(rows, lm, out, title, {
         "source": str(source), "ensemble": str(ensemble_path), "n_images": len(paths),
         "n_scored": rows[-1].folds[0]["n"], "dropped": dropped, "failed": failed,
-        "set_counts": dict(Counter(labels)),
+        "set_counts": dict(Counter(labels)), "zoom": zoom,
     })
     paths_out["predictions"] = _write_predictions(
         out / "predictions.csv", [p for p, good in zip(paths, ok) if good], y, ensemble, lm)

@@ -165,11 +165,14 @@ class _Member:
 
 
 def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
-            device: str = "auto") -> PredictResult:
-    """Classify every image of `source`; write CSV rows image, predicted, prob_<class>..."""
+            device: str = "auto", zoom: float = 1.0) -> PredictResult:
+    """Classify every image of `source`; write CSV rows image, predicted, prob_<class>...
+    zoom: rescale each image's content within its frame first (another scanner's magnification)."""
     from wbc.ensemble import view_probs
+    from wbc.sources import check_zoom
     from wbc.stain import preprocess_like_store
 
+    zoom = check_zoom(zoom)
     ens = load_ensemble(ensemble_path)
     dev = resolve_device(device)
     paths, _labels = list_images(source)
@@ -181,7 +184,7 @@ def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
             batch, names = [], []
             for p in paths[start:start + batch_size]:
                 try:
-                    batch.append(preprocess_like_store(p, ens.provenance))
+                    batch.append(preprocess_like_store(p, ens.provenance, zoom))
                     names.append(p)
                 except WbcError as e:
                     failed.append((str(p), str(e)))
