@@ -174,9 +174,11 @@ def main() -> None:
              "--folds", fold_arg, "--out", out / "reports" / "posthoc"])
     write_results(a, out, folds, time.time() - t_start)
     if "baseline" not in skip:
-        subprocess.run([sys.executable, str(ROOT / "tools" / "bench_baseline.py"), "--store", stores["macenko"],
-                        "--out", out, "--folds", fold_arg, "--crop", str(a.crop),
-                        "--views", a.baseline_views], check=True, cwd=ROOT)
+        args = ["--store", stores["macenko"], "--out", out, "--folds", fold_arg, "--crop", str(a.crop),
+                "--views", a.baseline_views]
+        t0 = time.time()
+        subprocess.run([sys.executable, str(ROOT / "tools" / "bench_baseline.py"), *map(str, args)], check=True, cwd=ROOT)
+        LOG.append(("python tools/bench_baseline.py " + " ".join(map(str, args)), time.time() - t0))
     write_results(a, out, folds, time.time() - t_start)
     if "nostain" not in skip:
         ns = stage(stores["nostain"], "lite0-nostain", "lite0", folds, a)
