@@ -60,8 +60,8 @@ def resolve_folds(cache: str | Path, fold: str | int) -> list[int]:
         known = open_table(cache_path(cache, folds[0])).folds
         bad = [k for k in folds if k not in known]
         if bad:
-            raise WbcError(f"fold {bad[0]} is not a CV fold of {cache_path(cache, folds[0])} (folds: "
-                           f"{', '.join(map(str, known)) or 'none'})")
+            raise WbcError(f"fold {bad[0]} is not in the cache's CV folds ({', '.join(map(str, known)) or 'none'}): "
+                           f"{cache_path(cache, folds[0])}")
         return list(dict.fromkeys(folds))
     folds = open_table(cache_path(cache, 0)).folds
     if not folds:
