@@ -102,13 +102,16 @@ def _complete(cache: Path) -> bool:
 
 
 def parse_folds(text: str) -> list[int]:
-    """"0,1" -> [0, 1]; "all" -> the five folds (the Makefile's FOLDS default)."""
+    """"0,1" -> [0, 1] (wbc evaluate's parser); "all" -> the five folds (the Makefile's FOLDS default)."""
+    from wbc.cli.evaluate import parse_folds as parse
+    from wbc.errors import WbcError
+
     if text.strip() == "all":
         return [0, 1, 2, 3, 4]
     try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        sys.exit(f"error: FOLDS must be 'all' or a comma list of fold indices such as 0,1 (got {text!r})")
+        return parse(text)
+    except WbcError as e:
+        sys.exit(f"error: FOLDS: {e}")
 
 
 def main() -> None:

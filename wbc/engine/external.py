@@ -22,11 +22,9 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from wbc.device import resolve_device
 from wbc.engine.evaluate import RowResult
 from wbc.errors import WbcError
 from wbc.labelmap import LabelMap
-from wbc.log import progress
 from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
 
 log = logging.getLogger(__name__)
@@ -67,40 +65,6 @@ def read_labelled(source: str | Path) -> tuple[list[Path], list[str]]:
     return paths, [str(y) for y in labels]
 
 
-def member_probs(ensemble, paths: list[Path], batch_size: int = 32, device: str = "auto", zoom: float = 1.0):
-    """Each member's view-averaged probabilities through the predict path.
-
-    Returns probs (M, N_ok, C) float64, ok (N,) bool (image readable), failed [(path, reason)].
-    """
-    from wbc.engine.predict import _Member
-    from wbc.ensemble import view_probs
-    from wbc.stain import preprocess_like_store
-
-    dev = resolve_device(device)
-    members = [_Member(m, dev) for m in ensemble.members]
-    out: list[list[np.ndarray]] = [[] for _ in members]
-    ok = np.zeros(len(paths), bool)
-    failed = []
-    with progress() as bar:
-        task = bar.add_task("external", total=len(paths), info=f"{len(members)} members")
-        for start in range(0, len(paths), batch_size):
-            batch = []
-            for i in range(start, min(start + batch_size, len(paths))):
-                try:
-                    batch.append(preprocess_like_store(paths[i], ensemble.provenance, zoom))
-                    ok[i] = True
-                except WbcError as e:
-                    failed.append((str(paths[i]), str(e)))
-            if batch:
-                imgs = np.stack(batch)
-                for j, m in enumerate(members):
-                    out[j].append(view_probs(m.logits(imgs, ensemble.views, dev)))
-            bar.advance(task, min(batch_size, len(paths) - start))
-    c = len(ensemble.class_names)
-    probs = np.stack([np.concatenate(p) if p else np.zeros((0, c)) for p in out])
-    return probs, ok, failed
-
-
 def row_names(members: list[dict]) -> list[str]:
     """Member names made unique (the same checkpoint may appear with two heads)."""
     seen: Counter = Counter()
@@ -131,15 +95,12 @@ def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | 
     """Classify and score the labelled set `source`; write report.md/json, confusion.png and
     predictions.csv under `out`. label_map: `MODEL=SET,...`, a .yaml/.csv file, or None.
     zoom: rescale each image's content within its frame (match the training images' cell scale)."""
-    from wbc.engine.predict import load_ensemble
-    from wbc.sources import check_zoom
-
-    zoom = check_zoom(zoom)
+    from wbc.engine.predict import load_ensemble, member_probs
     ens = load_ensemble(Path(ensemble_path))
     paths, labels = read_labelled(source)
     set_labels = sorted(set(labels))
     lm = LabelMap.parse(label_map, ens.class_names, set_labels)  # bad maps fail before any forward
-    probs, ok, failed = member_probs(ens, paths, batch_size, device, zoom)
+    probs, ok, failed = member_probs(ens, paths, batch_size, device, zoom, desc="external")
     if not ok.any():
         raise WbcError(f"{source}: none of the {len(paths)} images could be read (e.g. {failed[0][1]})")
     y = [lab for lab, good in zip(labels, ok) if good]

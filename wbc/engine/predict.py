@@ -164,37 +164,54 @@ class _Member:
         return self.head.logits(feats.astype(np.float16).astype(np.float32))
 
 
-def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
-            device: str = "auto", zoom: float = 1.0) -> PredictResult:
-    """Classify every image of `source`; write CSV rows image, predicted, prob_<class>...
-    zoom: rescale each image's content within its frame first (another scanner's magnification)."""
+def member_probs(ensemble: Ensemble, paths: list[Path], batch_size: int = 32, device: str = "auto",
+                 zoom: float = 1.0, desc: str = "predict"):
+    """Each member's view-averaged probabilities through the predict path: the store's stain
+    template, [zoom], resize, each member's crop and views. Used by `predict` and external evaluation.
+
+    Returns probs (M, N_ok, C) float64, ok (N,) bool (image readable), failed [(path, reason)].
+    """
     from wbc.ensemble import view_probs
     from wbc.sources import check_zoom
     from wbc.stain import preprocess_like_store
 
     zoom = check_zoom(zoom)
-    ens = load_ensemble(ensemble_path)
     dev = resolve_device(device)
-    paths, _labels = list_images(source)
-    members = [_Member(m, dev) for m in ens.members]
-    rows, failed, all_probs = [], [], []
+    members = [_Member(m, dev) for m in ensemble.members]
+    out: list[list[np.ndarray]] = [[] for _ in members]
+    ok = np.zeros(len(paths), bool)
+    failed = []
     with progress() as bar:
-        task = bar.add_task("predict", total=len(paths), info="")
+        task = bar.add_task(desc, total=len(paths), info=f"{len(members)} members")
         for start in range(0, len(paths), batch_size):
-            batch, names = [], []
-            for p in paths[start:start + batch_size]:
+            batch = []
+            for i in range(start, min(start + batch_size, len(paths))):
                 try:
-                    batch.append(preprocess_like_store(p, ens.provenance, zoom))
-                    names.append(p)
+                    batch.append(preprocess_like_store(paths[i], ensemble.provenance, zoom))
+                    ok[i] = True
                 except WbcError as e:
-                    failed.append((str(p), str(e)))
+                    failed.append((str(paths[i]), str(e)))
             if batch:
                 imgs = np.stack(batch)
-                probs = np.mean([view_probs(m.logits(imgs, ens.views, dev)) for m in members], axis=0)
-                all_probs.append(probs)
-                rows += [(str(n), ens.class_names[int(q.argmax())], *map(float, q)) for n, q in zip(names, probs)]
-            bar.update(task, advance=len(paths[start:start + batch_size]))
-    return _write(out, rows, failed, ens.class_names, all_probs)
+                for j, m in enumerate(members):
+                    out[j].append(view_probs(m.logits(imgs, ensemble.views, dev)))
+            bar.advance(task, min(batch_size, len(paths) - start))
+    c = len(ensemble.class_names)
+    probs = np.stack([np.concatenate(p) if p else np.zeros((0, c)) for p in out])
+    return probs, ok, failed
+
+
+def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
+            device: str = "auto", zoom: float = 1.0) -> PredictResult:
+    """Classify every image of `source`; write CSV rows image, predicted, prob_<class>...
+    zoom: rescale each image's content within its frame first (another scanner's magnification)."""
+    ens = load_ensemble(ensemble_path)
+    paths, _labels = list_images(source)
+    probs, ok, failed = member_probs(ens, paths, batch_size, device, zoom)
+    probs = probs.mean(axis=0)
+    names = [p for p, good in zip(paths, ok) if good]
+    rows = [(str(n), ens.class_names[int(q.argmax())], *map(float, q)) for n, q in zip(names, probs)]
+    return _write(out, rows, failed, ens.class_names, [probs])
 
 
 def _write(out, rows, failed, class_names, all_probs) -> PredictResult:
