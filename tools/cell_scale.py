@@ -34,7 +34,11 @@ def relative_size(path: Path) -> float:
 
 
 def median_size(manifest: Path, n: int, seed: int = 0) -> tuple[float, int]:
+    if not manifest.is_file():
+        raise SystemExit(f"error: manifest not found: {manifest}")
     rows = list(csv.DictReader(manifest.open(newline="")))
+    if not rows or "image" not in rows[0]:
+        raise SystemExit(f"error: {manifest} has no rows with an 'image' column")
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(rows), min(n, len(rows)), replace=False)
     sizes = [relative_size(manifest.parent / rows[i]["image"]) for i in pick]
