@@ -10,7 +10,8 @@ output is already complete, so an interrupted benchmark resumes where it stopped
   Macenko on/off (lite0), the 27-point (beta, gamma, lambda) ablation, tau-norm / logit adjustment.
 
 Scale knobs (environment or flags): EPOCHS, FOLDS ("0,1,2,3,4"), CROP (resize keeps 368:224),
-BACKBONES ("lite0,lite1,lite2"), DATA (the pbc-lt folder).
+BACKBONES ("lite0,lite1,lite2"), DATA (the pbc-lt folder); SECTION names the BENCHMARKS.md section
+it writes ("pbc-lt"), so a scaled-down rerun can sit beside the main one.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main() -> None:
     p.add_argument("--baseline-views", default=env("BASELINE_VIEWS", "d4"))
     p.add_argument("--backbones", default=env("BACKBONES", "lite0,lite1,lite2"))
     p.add_argument("--skip", default=env("SKIP", ""), help="comma list: nostain,ablate,posthoc,baseline")
+    p.add_argument("--section", default=env("SECTION", "pbc-lt"), help="the BENCHMARKS.md section to write")
     a = p.parse_args()
     folds = parse_folds(a.folds)
     skip = set(filter(None, a.skip.split(",")))
@@ -197,7 +199,7 @@ def write_results(a, out: Path, folds: list[int], seconds: float) -> None:
     from bench_report import render
 
     body = render(a, out, folds, seconds, LOG)
-    write_section("pbc-lt", body)
+    write_section(a.section, body)
     print(body)
 
 

@@ -70,6 +70,8 @@ def bar_checks(out: Path) -> list[str]:
 
 
 def _table(rows: list[tuple[str, list[str]]]) -> str:
+    if not rows:  # a step left out with SKIP= (or not reached yet) shows as such, not as an empty table
+        return "(not run)"
     lines = ["| Model | MF1 | BAcc | MP | MSpec |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {n} | " + " | ".join(c) + " |" for n, c in rows]
     return "\n".join(lines)
