@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.test_heads import long_tailed, run_cli, write_cache
-from wbc.engine.ablate import grid_specs
+from wbc.engine.ablate import AblateRow, grid_specs, write_tables
 from wbc.engine.feature_source import FeatureTable, StreamedSource, make_source, split_rows
 from wbc.engine.train_heads import TrainConfig, fit_heads
 from wbc.losses import LossSpec
@@ -88,6 +88,16 @@ def test_ablate_cli_tables_best_marked_and_resume(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "folds").iterdir()} == stamps
     assert run_cli(*args[:-2], "--lam", "0.5") == 2  # another grid into the same --out
     assert run_cli("ablate", cache, "--out", tmp_path / "x", "--beta", "0.9,1.2") == 2
+
+
+def test_ablate_md_bolds_each_columns_best_not_the_mf1_best_row(tmp_path):
+    ms = lambda mf1, bacc: {"mf1": (mf1, 0.0), "bacc": (bacc, 0.0), "mp": (0.5, 0.0), "mspec": (0.9, 0.0)}
+    rows = [AblateRow("a", LossSpec("ce"), ms(0.7, 0.6), [], best=True), AblateRow("b", LossSpec("ce"), ms(0.6, 0.8), [])]
+    md = write_tables(rows, tmp_path, [0])["md"].read_text().splitlines()
+    a, b = (next(line for line in md if line.startswith(f"| {p}")) for p in ("* a", "b"))
+    assert "**70.00 ± 0.00**" in a and "| 60.00 ± 0.00 |" in a  # a: best MF1, not best BAcc
+    assert "**80.00 ± 0.00**" in b and "| 60.00 ± 0.00 |" in b
+    assert a.count("**50.00") == b.count("**50.00") == 1  # a tie is bold in both rows
 
 
 @pytest.mark.parametrize("fused", [True, False])
