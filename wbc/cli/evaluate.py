@@ -23,16 +23,6 @@ ModelOpt = Annotated[
 ]
 
 
-def parse_folds(text: str) -> list[int]:
-    try:
-        folds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise WbcError(f"--folds must be comma-separated integers, got {text!r}") from None
-    if not folds:
-        raise WbcError("--folds is empty")
-    return folds
-
-
 def parse_model(text: str, folds: list[int]):
     from wbc.engine.evaluate import ModelSpec
 
@@ -77,7 +67,9 @@ def evaluate(
     title = title or "Held-out test"
     if model is None:
         model = []
-    fold_list = parse_folds(folds)
+    from wbc.splits import parse_fold_list
+
+    fold_list = parse_fold_list(folds, "--folds")
     models = [parse_model(m, fold_list) for m in model]
     rows, classes = evaluate_table(models, fold_list, calibrate=calibrate, ensembles=ensembles)
     paths = write_report(rows, classes, out, title, extra={"folds": fold_list, "calibrated": calibrate})

@@ -51,12 +51,9 @@ def resolve_folds(cache: str | Path, fold: str | int) -> list[int]:
     """'all' = every CV fold of the cache (of fold 0's cache when CACHE holds '{fold}');
     '0,1' = those folds (e.g. the folds whose Stage-1 runs exist)."""
     if str(fold) != "all":
-        try:
-            folds = [int(x) for x in str(fold).split(",") if x.strip()]
-        except ValueError:
-            folds = []
-        if not folds or any(k < 0 for k in folds):
-            raise WbcError(f"--fold must be a fold index, a comma list such as 0,1, or 'all'; got {fold!r}")
+        from wbc.splits import parse_fold_list
+
+        folds = parse_fold_list(fold, "--fold", " (or 'all')")
         known = open_table(cache_path(cache, folds[0])).folds
         bad = [k for k in folds if k not in known]
         if bad:
