@@ -166,6 +166,18 @@ def test_prepare_batched_in_process_equals_threads(tmp_path):
     np.testing.assert_array_equal(open_store(a.out).images(range(10)), open_store(b.out).images(range(10)))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is absent")
+def test_cuda_device_without_cuda_is_a_user_error(tmp_path):
+    from wbc.errors import WbcError
+
+    src = write_image_folder(tmp_path / "src", ("A", "B"), 2, size=48)
+    with pytest.raises(WbcError, match="asked for CUDA but none is available"):
+        prepare_store(src, tmp_path / "s.h5", PrepareConfig(size=32, workers=0, device="cuda"))
+    with pytest.raises(WbcError, match="--device applies to --stain-backend batched"):
+        prepare_store(src, tmp_path / "s.h5", PrepareConfig(size=32, stain_backend="torchstain", device="cuda"))
+    assert not (tmp_path / "s.h5").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (none on this machine)")
 def test_cuda_matches_cpu(setup):
     norm, images = setup

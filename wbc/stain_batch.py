@@ -98,9 +98,9 @@ class BatchMacenko:
     Pixels are laid out channel-first, (B, 3, N) as torchstain's (3, N): per-channel and
     per-stain rows are then contiguous (strided (B, N, 3) access made the CPU path ~3x slower)."""
 
-    def __init__(self, stain_matrix, max_conc, params: StainParams = StainParams(),
+    def __init__(self, stain_matrix, max_conc, params: StainParams | None = None,
                  device: str | torch.device = "cpu"):
-        self.params = params
+        self.params = params = params or StainParams()
         self.device = torch.device(device)
         self.stain_matrix = torch.tensor(np.asarray(stain_matrix, np.float64).reshape(3, 2),
                                          dtype=torch.float32, device=self.device)
