@@ -15,7 +15,7 @@ from tests.fixtures import HE_DEFAULT, stained_image, write_image_folder
 from tests.test_stain_clamp import HE_OTHER, numpy_macenko
 from wbc.prepare import PrepareConfig, prepare_store
 from wbc.stain import StainNormalizer, StainParams, normalise_like, try_normalize_with_info
-from wbc.stain_batch import BatchMacenko, kth_smallest, nearest_rank, pad_batch
+from wbc.stain_batch import BatchMacenko, kth_smallest, kth_smallest_topk, nearest_rank, pad_batch
 from wbc.store import open_store
 
 
@@ -56,7 +56,16 @@ def test_order_statistics_match_torchstain_percentile():
             assert int(k[0]) == 1 + round(0.01 * q * (n - 1))
             want = percentile(x, q)
             padded = torch.cat([x, torch.full((7,), float("inf"))])[None]  # ignored entries are +inf
-            assert kth_smallest(padded, k[:, None])[0, 0] == want
+            assert kth_smallest(padded, k[:, None])[0, 0] == want  # np.partition (CPU)
+            assert kth_smallest_topk(padded, k[:, None])[0, 0] == want  # topk (the GPU path)
+    # rows with different counts, several k per row, both ends of topk
+    x = torch.from_numpy(rng.normal(size=(3, 500)).astype(np.float32))
+    x[0, 300:] = float("inf")
+    x[2, 10:] = float("inf")
+    n = torch.tensor([300, 500, 10])
+    ks = torch.stack([nearest_rank(n, 1), nearest_rank(n, 99)], 1)
+    want = torch.stack([torch.stack([percentile(x[i, : n[i]], q) for q in (1, 99)]) for i in range(3)])
+    assert torch.equal(kth_smallest(x, ks), want) and torch.equal(kth_smallest_topk(x, ks), want)
 
 
 def test_batched_matches_torchstain_and_numpy_per_image(setup):
@@ -187,3 +196,14 @@ def test_cuda_matches_cpu(setup):
     for b, im in enumerate(images):
         h, w = im.shape[:2]
         assert _agree(gpu.images[b, :h, :w].cpu().numpy(), cpu.images[b, :h, :w].numpy()) >= 0.999
+
+
+def test_topk_selection_path_gives_the_same_images(setup, monkeypatch):
+    """The GPU's order-statistic path (topk), run on the CPU: the same images, bit for bit."""
+    import wbc.stain_batch as sb
+
+    norm, images = setup
+    want = _batched(norm, images)
+    monkeypatch.setattr(sb, "kth_smallest", sb.kth_smallest_topk)
+    got = _batched(norm, images)
+    assert torch.equal(got.images, want.images) and torch.equal(got.max_conc, want.max_conc)

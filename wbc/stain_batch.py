@@ -66,11 +66,17 @@ def kth_smallest(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     against 5 ms for 131k values); elsewhere one `topk` per k from whichever end is nearer
     (percentiles near 1 and 99 need ~1% of the pixels). Both give the exact order statistic, as
     torchstain's `kthvalue` does."""
-    k = (k - 1).clamp(0, x.shape[1] - 1)
     if x.device.type == "cpu":
         a = x.numpy()
-        rows = [np.partition(a[i], ks)[ks] for i, ks in enumerate(k.tolist())]
+        ks = (k - 1).clamp(0, x.shape[1] - 1).tolist()
+        rows = [np.partition(a[i], kk)[kk] for i, kk in enumerate(ks)]
         return torch.from_numpy(np.stack(rows)).to(x.dtype)
+    return kth_smallest_topk(x, k)
+
+
+def kth_smallest_topk(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`kth_smallest` by `topk` (any device; the GPU path, tested on the CPU too)."""
+    k = (k - 1).clamp(0, x.shape[1] - 1)
     kept = ~torch.isinf(x) | (x < 0)  # ignored entries are +inf
     cols = []
     for j in range(k.shape[1]):
