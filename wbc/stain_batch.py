@@ -54,8 +54,8 @@ class BatchResult:
         return {"clamped_fraction": float(self.clamped_fraction[b]),
                 "clamped_fraction_stained": float(self.clamped_fraction_stained[b]),
                 "stained_pixels": int(self.stained_pixels[b]),
-                "stain_matrix": self.stain_matrix[b].double().cpu().numpy(),
-                "max_conc": self.max_conc[b].double().cpu().numpy()}
+                "stain_matrix": self.stain_matrix[b].cpu().double().numpy(),
+                "max_conc": self.max_conc[b].cpu().double().numpy()}
 
 
 def kth_smallest(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -94,8 +94,9 @@ def kth_smallest_topk(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def nearest_rank(n: torch.Tensor, q: float) -> torch.Tensor:
     """torchstain's percentile index: k = 1 + round(.01 * q * (n - 1)), Python's round (half to
     even, as torch.round), in float64 like Python. n: (R,) long -> (R,) long in [1, max(n, 1)]."""
-    k = 1 + torch.round(0.01 * float(q) * (n.double() - 1)).long()
-    return torch.minimum(k.clamp(min=1), n.clamp(min=1))
+    m = n.cpu()  # float64 on the CPU: some devices (mps) have none
+    k = 1 + torch.round(0.01 * float(q) * (m.double() - 1)).long()
+    return torch.minimum(k.clamp(min=1), m.clamp(min=1)).to(n.device)
 
 
 class BatchMacenko:
@@ -210,8 +211,8 @@ class BatchMacenko:
     @staticmethod
     def _concentrations(od: torch.Tensor, he: torch.Tensor) -> torch.Tensor:
         """(B, 2, N) least-squares concentrations of every pixel on its image's own stain matrix."""
-        he64 = torch.nan_to_num(he.double(), nan=0.0)
-        pinv = torch.linalg.pinv(he64).float()  # (B, 2, 3)
+        he64 = torch.nan_to_num(he.cpu().double(), nan=0.0)  # tiny; float64 on the CPU (mps has none)
+        pinv = torch.linalg.pinv(he64).float().to(od.device)  # (B, 2, 3)
         return torch.bmm(pinv, od)
 
     def _check_matrices(self, he: torch.Tensor, max_c: torch.Tensor, reasons: list[str]) -> None:
