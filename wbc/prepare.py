@@ -156,8 +156,9 @@ def _plan_id(src: Source, cfg: PrepareConfig) -> str:
         h.update(f"{it.path}\t{it.label}\t{it.split}\t{it.group}\n".encode())
     keys = ("size", "stain", "template", "max_template_candidates", "seed")
     plan = {k: getattr(cfg, k) for k in keys}
-    if cfg.stain:  # a store is not resumed with other Macenko settings (e.g. the clamp)
+    if cfg.stain:  # a store is not resumed with other Macenko settings (the clamp, the backend)
         plan["stain_params"] = asdict(StainParams())
+        plan["stain_backend"] = cfg.stain_backend
     h.update(json.dumps(plan, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

@@ -3,8 +3,8 @@ resize and compress; rows come back in source order, as `prepare._prepare_task` 
 
 Threads, not processes: decoding (PIL), resizing, hashing and torch's kernels all release the
 GIL, and a thread starts in microseconds where a spawned worker re-imports torch (~2-5 s). Each
-chunk of `batch` items is one task: decode all, normalise those with stain as one padded batch on
-the normaliser's device, then resize and encode each.
+chunk of `batch` items is one task: decode all, normalise those with stain in batches of equal
+size on the normaliser's device, then resize and encode each.
 """
 
 from __future__ import annotations
@@ -52,14 +52,17 @@ def prepare_chunk(normalizer: BatchMacenko | None, size: int, compression: str |
             done.append((i, rgb, False, sha, f"{note}: no stain to normalise"))
         else:
             todo.append((i, rgb, sha, note))
-    if todo:
-        x, sizes = pad_batch([t[1] for t in todo])
-        r = normalizer.normalize(x, sizes)
+    # One batch per image size: no padding, so one large image never inflates the others' work.
+    by_shape: dict[tuple, list] = {}
+    for t in todo:
+        by_shape.setdefault(t[1].shape, []).append(t)
+    for group in by_shape.values():
+        x, _ = pad_batch([t[1] for t in group])
+        r = normalizer.normalize(x)
         out = r.images.cpu().numpy()
-        for k, (i, rgb, sha, note) in enumerate(todo):
-            h, w = rgb.shape[:2]
+        for k, (i, rgb, sha, note) in enumerate(group):
             ok = bool(r.ok[k])
-            done.append((i, out[k, :h, :w] if ok else rgb, ok, sha, note if ok else r.reasons[k]))
+            done.append((i, out[k] if ok else rgb, ok, sha, note if ok else r.reasons[k]))
     for i, rgb, ok, sha, note in done:
         rows[i] = (i, encode_image(resize_square(np.ascontiguousarray(rgb), size), compression), ok, sha, note)
     return [rows[i] for i, _ in chunk]
