@@ -70,7 +70,7 @@ def _summary(runs: list[Path]) -> None:
     table = Table("fold", "best epoch", "val MF1", "val BAcc", "checkpoint", title="Stage 1")
     for run in runs:
         best = run / "best.pt"
-        meta = torch.load(best, map_location="cpu", weights_only=False)
+        meta = torch.load(best, map_location="cpu", weights_only=True)
         val = meta.get("val") or {}
         table.add_row(str(meta["fold"]), str(meta["epoch"]), f"{val.get('val_mf1', float('nan')):.4f}",
                       f"{val.get('val_bacc', float('nan')):.4f}", str(best))

@@ -231,7 +231,7 @@ def _oom_error(cfg: TrainConfig, micro: int, run: Path) -> WbcError:
 
 
 def _mark_best_complete(path: Path) -> None:
-    best = torch.load(path, map_location="cpu", weights_only=False)
+    best = torch.load(path, map_location="cpu", weights_only=True)  # our own file, plain types
     best["complete"] = True
     ckp.save_atomic(best, path)
 
