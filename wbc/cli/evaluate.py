@@ -55,6 +55,9 @@ def evaluate(
 ) -> None:
     """Table 1 on the held-out test (supervised, decoupled and ensemble rows, mean +- std over folds),
     or with --external an ensemble scored on a labelled set from elsewhere."""
+    from wbc.fsutil import check_writable
+
+    check_writable(out or Path("reports"), "report directory")  # before scoring, not after
     if external is not None or ensemble is not None:
         if model:
             raise WbcError("--model scores cached features, --external an --ensemble's images: give one or the other")
@@ -105,7 +108,9 @@ def ensemble_save(
 ) -> None:
     """Write ENSEMBLE.yaml (checkpoints, heads, stain template, class names, views) for `wbc predict`."""
     from wbc.engine.predict import save_ensemble
+    from wbc.fsutil import check_writable
 
+    check_writable(out, "ensemble file")
     path = save_ensemble(member, store, views, out, caches=cache or None)
     console.print(f"ensemble written: {path}")
 

@@ -37,6 +37,7 @@ from wbc.device import amp_dtype
 from wbc.engine.extract_dist import Dist, setup
 from wbc.engine.extract_plan import check_pairing, prepare_output, resolve_checkpoint, row_table
 from wbc.errors import WbcError
+from wbc.fsutil import check_writable, output_lock
 from wbc.log import progress
 from wbc.store import ImageStore, open_store
 from wbc.views import apply_views, resolve_views
@@ -61,6 +62,14 @@ class ExtractConfig:
     chunk_rows: int = 0  # rows per cache chunk; 0 = ~4 MiB of features (wbc.cache.default_chunk_rows)
     overwrite: bool = False  # replace an existing complete (or foreign partial) output
     other_store: bool = False  # allow a store other than the checkpoint's (an external test set)
+
+    def __post_init__(self) -> None:  # one check for CLI and Python callers, before any work
+        for name in ("batch_size", "chunk_rows"):
+            if getattr(self, name) < 0:
+                raise WbcError(f"--{name.replace('_', '-')} must be 0 (automatic) or positive, "
+                               f"got {getattr(self, name)}")
+        if self.workers < -1:
+            raise WbcError(f"--workers must be -1 (automatic), 0 or more, got {self.workers}")
 
 
 def extract(
@@ -87,8 +96,10 @@ def extract(
     st = store if isinstance(store, ImageStore) else open_store(store)
     views = resolve_views(cfg.views)
     d = setup(cfg.device)
+    held = contextlib.ExitStack()
     try:
-        with torch.inference_mode():
+        d.checked(lambda: _claim(Path(out), held), main_only=True)
+        with held, torch.inference_mode():
             return _run(ckpt, st, Path(out), cfg, views, d, group, image_fn, image_transform, rows)
     except OSError as e:  # creating the store or marking it complete; block writes say it themselves
         if e.errno == errno.ENOSPC:
@@ -97,6 +108,13 @@ def extract(
         raise
     finally:
         d.close()
+
+
+def _claim(out: Path, held: contextlib.ExitStack) -> None:
+    """Before any work: `out` must be writable, and no other process may be writing it (the
+    lock is held until the cache is complete, so --overwrite elsewhere cannot interleave)."""
+    check_writable(out, "feature cache")
+    held.enter_context(output_lock(out))
 
 
 def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, rows) -> dict:
