@@ -47,6 +47,10 @@ def check_writable(path: str | Path, what: str = "output") -> Path:
     mounts and permissions are both caught, also for root). Creates nothing that stays.
     """
     path = Path(path)
+    for name in path.parts:  # first: stat() of an over-long name fails with its own OSError
+        if len(os.fsencode(name)) > NAME_MAX:
+            raise WbcError(f"cannot write {what} {path}: the name {name[:40]}... is "
+                           f"{len(os.fsencode(name))} bytes, over the {NAME_MAX} a filesystem allows")
     if path.exists() and not os.access(path, os.W_OK):
         raise WbcError(f"cannot write {what} {path}: it exists and is read-only")
     folder = path.parent if str(path.parent) else Path(".")
@@ -56,7 +60,7 @@ def check_writable(path: str | Path, what: str = "output") -> Path:
         folder = folder.parent
     if not folder.is_dir():
         raise WbcError(f"cannot write {what} {path}: {folder} is a file, not a folder")
-    limit = _component_limit(folder)
+    limit = _component_limit(folder)  # some filesystems allow fewer
     for name in missing:
         if len(os.fsencode(name)) > limit:
             raise WbcError(f"cannot write {what} {path}: the name {name[:40]}... is "

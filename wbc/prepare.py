@@ -237,9 +237,8 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
                   overwrite: bool = False) -> PrepareReport:
     """Build (or resume) the image store `out` from `source`; see the module doc."""
     t0 = time.perf_counter()
+    out = check_writable(out, "image store")
     src = open_source(source)
-    out = Path(out)
-    check_writable(out, "image store")
     with output_lock(out):  # a second prepare of `out` is refused, even with --overwrite
         return _prepare_locked(src, out, cfg, overwrite, t0)
 

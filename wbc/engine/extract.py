@@ -20,7 +20,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
@@ -34,6 +33,7 @@ from wbc.cache import block_rows, done_blocks, mark_complete, open_for_writing, 
 from wbc.config import file_sha256, to_dict
 from wbc.data import crop_images, normalize
 from wbc.device import amp_dtype
+from wbc.engine.extract_config import ExtractConfig
 from wbc.engine.extract_dist import Dist, setup
 from wbc.engine.extract_plan import check_pairing, prepare_output, resolve_checkpoint, row_table
 from wbc.errors import WbcError
@@ -49,34 +49,11 @@ log = logging.getLogger(__name__)
 ImageFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
-    views: str = "d4"  # the 8 symmetries of the square: label-preserving and pairwise distinct
-    batch_size: int = 0  # images per forward pass (each gives K views); 0 = 32 on GPU, 8 on CPU
-    # Loader processes reading + cropping row blocks; -1 = auto: none on CPU (decoding is <1% of a
-    # CPU forward, while a forked worker costs ~5-10% in copy-on-write faults), min(8, cores) on GPU.
-    workers: int = -1
-    device: str = "auto"
-    amp: bool = True  # bf16/fp16 autocast on CUDA (features are stored as fp16 anyway); CPU is fp32
-    channels_last: bool = True  # faster convolutions on GPUs and oneDNN CPUs
-    chunk_rows: int = 0  # rows per cache chunk; 0 = ~4 MiB of features (wbc.cache.default_chunk_rows)
-    overwrite: bool = False  # replace an existing complete (or foreign partial) output
-    other_store: bool = False  # allow a store other than the checkpoint's (an external test set)
-
-    def __post_init__(self) -> None:  # one check for CLI and Python callers, before any work
-        for name in ("batch_size", "chunk_rows"):
-            if getattr(self, name) < 0:
-                raise WbcError(f"--{name.replace('_', '-')} must be 0 (automatic) or positive, "
-                               f"got {getattr(self, name)}")
-        if self.workers < -1:
-            raise WbcError(f"--workers must be -1 (automatic), 0 or more, got {self.workers}")
-
-
 def extract(
     source: str | Path,
     store: str | Path | ImageStore,
     out: str | Path,
-    cfg: ExtractConfig = ExtractConfig(),
+    cfg: ExtractConfig | None = None,
     *,
     group: str | None = None,
     image_fn: ImageFn | None = None,
@@ -90,6 +67,8 @@ def extract(
     the features of images passed through image_fn (image_transform names it for provenance).
     Returns a summary (path, rows, views, dim, blocks written, timings).
     """
+    cfg = cfg or ExtractConfig()
+    check_writable(out, "feature cache")
     if (image_fn is None) != (image_transform is None):
         raise ValueError("image_fn and image_transform (its name, for provenance) go together")
     ckpt = resolve_checkpoint(source)
@@ -111,9 +90,8 @@ def extract(
 
 
 def _claim(out: Path, held: contextlib.ExitStack) -> None:
-    """Before any work: `out` must be writable, and no other process may be writing it (the
-    lock is held until the cache is complete, so --overwrite elsewhere cannot interleave)."""
-    check_writable(out, "feature cache")
+    """No other process may be writing `out`: the lock is held until the cache is complete, so
+    an --overwrite elsewhere cannot interleave its blocks with ours."""
     held.enter_context(output_lock(out))
 
 

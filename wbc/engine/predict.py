@@ -196,8 +196,7 @@ def member_probs(ensemble: Ensemble, paths: list[Path], batch_size: int = 32, de
     from wbc.stain import preprocess_like_store
 
     zoom = check_zoom(zoom)
-    if batch_size < 1:
-        raise WbcError(f"--batch-size must be at least 1, got {batch_size}")
+    _check_batch(batch_size)
     dev = resolve_device(device)
     members = [_Member(m, dev) for m in ensemble.members]
     out: list[list[np.ndarray]] = [[] for _ in members]
@@ -223,10 +222,16 @@ def member_probs(ensemble: Ensemble, paths: list[Path], batch_size: int = 32, de
     return probs, ok, failed
 
 
+def _check_batch(batch_size: int) -> None:
+    if batch_size < 1:
+        raise WbcError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
             device: str = "auto", zoom: float = 1.0) -> PredictResult:
     """Classify every image of `source`; write CSV rows image, predicted, prob_<class>...
     zoom: rescale each image's content within its frame first (another scanner's magnification)."""
+    _check_batch(batch_size)
     with output_lock(check_writable(out, "predictions")):  # before hours of compute, not after
         ens = load_ensemble(ensemble_path)
         paths, _labels = list_images(source)
