@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,11 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise WbcError(
-            f"refused {what} {path}: it holds objects other than tensors and plain values, which "
-            f"wbc does not unpickle (they can run code); {first[:120]}"
+            f"refused {what} {path}: it holds objects other than tensors and plain values"
+            + (f" ({found.group(1)})" if found else "")
+            + ", which wbc does not unpickle (they can run code); use a file written by wbc or timm"
         ) from None
     except Exception as e:  # noqa: BLE001 - any unreadable file (truncated, foreign) is the user's
         raise WbcError(f"cannot read {what} {path}: {type(e).__name__}: {str(e)[:200]}") from None

@@ -92,13 +92,14 @@ START_METHOD = "spawn"
 _NORMALIZERS: dict[tuple, StainNormalizer] = {}
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)  # parallelism comes from processes; threads would oversubscribe
     # Ctrl-C goes to the whole process group: let the parent alone handle it (commit, shut down).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent(os.getppid())
+    # The parent's pid comes from the parent: it may have died while this worker imported torch.
+    _exit_with_parent(parent or os.getppid())
 
 
 def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
@@ -310,7 +311,7 @@ class _pool_ctx:
             torch.set_num_threads(1)
             return
         self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(START_METHOD),
-                                        initializer=_init_worker)
+                                        initializer=_init_worker, initargs=(os.getpid(),))
         # Start the workers now with SIGINT ignored (inherited): Ctrl-C during their slow start
         # (importing torch) must reach only this process, which commits and shuts down cleanly.
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
