@@ -161,3 +161,45 @@ def test_kill_9_of_prepare_leaves_no_worker_running(tmp_path):
     for k in left:  # do not leave them behind even when the test fails
         os.kill(k, signal.SIGKILL)
     assert not left, f"orphaned worker processes still running: {left}"
+
+
+def test_train_crt_predict_refuse_an_output_another_process_holds(tmp_path):
+    from tests.fixtures import cli_exit_code
+    from wbc.engine.predict import predict
+    from wbc.engine.train_backbone import train
+    from wbc.engine.train_config import TrainConfig
+
+    store = make_tiny_store(tmp_path / "s.h5", n_per_class=4, size=40)
+    holders = [_holder(tmp_path / "run" / "fold0"), _holder(tmp_path / "crt"), _holder(tmp_path / "p.csv")]
+    try:
+        cfg = TrainConfig(backbone="test_resnet", pretrained="none", epochs=1, batch_size=4, crop=32,
+                          workers=0, device="cpu")
+        with pytest.raises(WbcError, match=f"pid {holders[0].pid}"):
+            train(store, tmp_path / "run", cfg, fold=0, overwrite=True)
+        assert not (tmp_path / "run" / "fold0").exists()
+        assert cli_exit_code(["crt", str(tmp_path / "c.zarr"), "--out", str(tmp_path / "crt")]) == 2
+        with pytest.raises(WbcError, match=f"pid {holders[2].pid}"):
+            predict(tmp_path, tmp_path / "e.yaml", tmp_path / "p.csv")
+    finally:
+        for h in holders:
+            h.stdin.close()
+            h.wait()
+
+
+def test_hdf5_lock_message_does_not_advise_overwrite(tmp_path):
+    """A store held open for writing by some other program: wait, not --overwrite."""
+    from wbc.store import StoreWriter
+
+    out = tmp_path / "s.h5"
+    StoreWriter(out, size=8, plan_id="p").close()  # a partial store
+    code = (f"import h5py, sys\nf = h5py.File({str(out)!r}, 'a')\nprint('open', flush=True)\n"
+            "sys.stdin.read()\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "open"
+        with pytest.raises(WbcError) as e:
+            StoreWriter(out, size=8, plan_id="p")
+        assert "another process" in str(e.value) and "--overwrite" not in str(e.value)
+    finally:
+        p.stdin.close()
+        p.wait()
