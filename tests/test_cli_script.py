@@ -126,3 +126,21 @@ def test_unwritable_output_is_refused_before_work(cmd, tmp_path):
         "predict": ["predict", tmp_path, "--ensemble", tmp_path / "e.yaml", "--out", out],
     }[cmd]
     one_line_error(run_wbc(*argv), "cannot write")
+
+
+@pytest.mark.parametrize("exc,code,needle", [
+    (PermissionError(13, "Permission denied", "/data/in.csv"), 2, "error: /data/in.csv: Permission denied"),
+    (IsADirectoryError(21, "Is a directory", "x.csv"), 2, "error: x.csv: Is a directory"),
+    (KeyboardInterrupt(), 130, "interrupted: completed work is kept"),
+])
+def test_entry_point_os_errors_one_line_and_ctrl_c_130(exc, code, needle, monkeypatch, capsys):
+    import wbc.prepare
+    from tests.fixtures import cli_exit_code
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(wbc.prepare, "prepare_store", boom)
+    assert cli_exit_code(["prepare", "src", "--out", "s.h5"]) == code
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
