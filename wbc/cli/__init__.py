@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = app(args=argv, standalone_mode=False, prog_name="wbc")
     except WbcError as e:
-        _fail(str(e))
+        _fail(str(e))  # one line (soft-wrapped), also in logs
     except _EXIT as e:
         sys.exit(e.exit_code)
     except _ABORT:
