@@ -179,3 +179,28 @@ def test_member_output_carries_the_cache_store_id(ens, tmp_path):
     cache = tmp_path / "c.zarr"
     extract(ens.cks[0], ens.store, cache, ExtractConfig(views="identity", device="cpu", workers=0))
     assert member_output(Member(cache)).store_id == open_store(ens.store).content_id
+
+
+def test_duplicate_found_across_an_interrupted_and_resumed_prepare(tmp_path, monkeypatch):
+    import wbc.sources
+
+    root = write_image_folder(tmp_path / "img", classes=("A", "B"), n_per_class=2, size=48)
+    dup = str((root / "A/000.png").resolve())
+    (root / "m.csv").write_text(f"image,label\nA/000.png,A\nB/000.png,B\n{dup},A\nB/001.png,B\n")
+    original = wbc.sources.Source.iter_bytes
+
+    def stop_at_2(self, start=0):
+        for i, b in original(self, start):
+            if i == 2:
+                raise KeyboardInterrupt  # after rows 0-1 are committed
+            yield i, b
+
+    monkeypatch.setattr(wbc.sources.Source, "iter_bytes", stop_at_2)
+    out = tmp_path / "s.h5"
+    cfg = PrepareConfig(size=32, stain=False, workers=0, commit_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(root / "m.csv", out, cfg)
+    monkeypatch.setattr(wbc.sources.Source, "iter_bytes", original)
+    r = prepare_store(root / "m.csv", out, cfg)
+    assert r.resumed_from == 2 and len(open_store(out)) == 3
+    assert "same file content as store row 0 (A/000.png)" in skipped(out)[dup]
