@@ -183,7 +183,7 @@ def test_cuda_device_without_cuda_is_a_user_error(tmp_path):
     with pytest.raises(WbcError, match="asked for CUDA but none is available"):
         prepare_store(src, tmp_path / "s.h5", PrepareConfig(size=32, workers=0, device="cuda"))
     with pytest.raises(WbcError, match="--device applies to --stain-backend batched"):
-        prepare_store(src, tmp_path / "s.h5", PrepareConfig(size=32, stain_backend="torchstain", device="cuda"))
+        PrepareConfig(size=32, stain_backend="torchstain", device="cuda")
     assert not (tmp_path / "s.h5").exists()
 
 

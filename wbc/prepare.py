@@ -31,6 +31,7 @@ import numpy as np
 
 from wbc import __version__
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write, check_writable, output_lock
 from wbc.log import progress
 from wbc.sources import ImageDecodeError, Source, decode_image, open_source, resize_square
 from wbc.stain import (
@@ -60,6 +61,17 @@ class PrepareConfig:
     stain_backend: str = "batched"  # wbc.stain_batch on `device` (threads) | "torchstain" (per image, processes)
     device: str = "auto"  # where the batched backend normalises: auto (cuda, mps, cpu), cpu, cuda:1, ...
 
+    def __post_init__(self) -> None:  # checked here, so CLI and Python callers fail before any work
+        for name, low in (("size", 16), ("max_template_candidates", 1), ("commit_every", 1)):
+            if getattr(self, name) < low:
+                raise WbcError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.workers < -1:
+            raise WbcError(f"--workers must be -1 (all CPUs), 0 (in this process) or more, got {self.workers}")
+        if self.stain_backend not in BACKENDS:
+            raise WbcError(f"unknown --stain-backend {self.stain_backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.stain_backend == "torchstain" and self.device not in ("auto", "cpu"):
+            raise WbcError("--device applies to --stain-backend batched; torchstain runs on the CPU")
+
 
 @dataclass
 class PrepareReport:
@@ -87,12 +99,27 @@ START_METHOD = "spawn"
 _NORMALIZERS: dict[tuple, StainNormalizer] = {}
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)  # parallelism comes from processes; threads would oversubscribe
     # Ctrl-C goes to the whole process group: let the parent alone handle it (commit, shut down).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent's pid comes from the parent: it may have died while this worker imported torch.
+    _exit_with_parent(parent or os.getppid())
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """A worker must not outlive its parent (kill -9 of `wbc prepare` would leave it running):
+    a daemon thread exits the process once it has been re-parented."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def _estimate_task(task: tuple[int, bytes | str]) -> tuple[int, list | None, list | None, str]:
@@ -222,8 +249,13 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
                   overwrite: bool = False) -> PrepareReport:
     """Build (or resume) the image store `out` from `source`; see the module doc."""
     t0 = time.perf_counter()
+    out = check_writable(out, "image store")
     src = open_source(source)
-    out = Path(out)
+    with output_lock(out):  # a second prepare of `out` is refused, even with --overwrite
+        return _prepare_locked(src, out, cfg, overwrite, t0)
+
+
+def _prepare_locked(src: Source, out: Path, cfg: PrepareConfig, overwrite: bool, t0: float) -> PrepareReport:
     workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
     _check_backend(cfg)
     label_index = {c: k for k, c in enumerate(src.class_names)}
@@ -279,10 +311,6 @@ def _complete_report(out: Path, plan_id: str, n_items: int) -> PrepareReport | N
 
 
 def _check_backend(cfg: PrepareConfig) -> None:
-    if cfg.stain_backend not in BACKENDS:
-        raise WbcError(f"unknown --stain-backend {cfg.stain_backend!r}; choose from {', '.join(BACKENDS)}")
-    if cfg.stain_backend == "torchstain" and cfg.device not in ("auto", "cpu"):
-        raise WbcError("--device applies to --stain-backend batched; torchstain runs on the CPU")
     from wbc.device import resolve_device
 
     resolve_device(cfg.device)  # an unavailable device fails here, before any output exists
@@ -320,7 +348,7 @@ class _pool_ctx:
                 self.pool = ThreadPoolExecutor(workers, thread_name_prefix="wbc-prepare")
             return
         self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(START_METHOD),
-                                        initializer=_init_worker)
+                                        initializer=_init_worker, initargs=(os.getpid(),))
         # Start the workers now with SIGINT ignored (inherited): Ctrl-C during their slow start
         # (importing torch) must reach only this process, which commits and shuts down cleanly.
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -359,9 +387,14 @@ def _write_rows(w: StoreWriter, src: Source, label_index: dict, run, commit_ever
         rows.clear()
         skipped.clear()
 
+    first = _stored_contents(w)
     with progress() as bar:
         task = bar.add_task("prepare", total=n, completed=start, info="")
         for i, img, ok, sha, note in run(src.iter_bytes(start)):
+            if img is not None and sha in first:  # one file listed twice (e.g. relative + absolute)
+                img, note = None, _duplicate_reason(first[sha], src.items[i])
+            elif img is not None:
+                first[sha] = (w.n_rows + len(rows), src.items[i].path, src.items[i].label)
             if img is None:
                 skipped.append((src.items[i].path, note))
                 log.warning("skipped %s: %s", src.items[i].path, note)
@@ -371,6 +404,18 @@ def _write_rows(w: StoreWriter, src: Source, label_index: dict, run, commit_ever
             if len(rows) + len(skipped) >= commit_every:
                 flush(i + 1)
         flush(n)
+
+
+def _stored_contents(w: StoreWriter) -> dict[str, tuple[int, str, str | None]]:
+    """source sha256 -> (store row, path, label) of the rows already written (a resumed run)."""
+    sha, paths = w.f["source_sha256"].asstr()[:], w.f["paths"].asstr()[:]
+    return {s: (r, p, None) for r, (s, p) in enumerate(zip(sha, paths)) if s}
+
+
+def _duplicate_reason(first: tuple[int, str, str | None], item) -> str:
+    row, path, label = first
+    clash = f"; labelled {label!r} there, {item.label!r} here" if label is not None and label != item.label else ""
+    return f"duplicate: same file content as store row {row} ({path}), stored once{clash}"
 
 
 def _finish(w: StoreWriter, src: Source, cfg: PrepareConfig, tpl: dict | None, t0: float,
@@ -424,7 +469,7 @@ def skipped_csv_path(store: Path) -> Path:
 
 
 def _write_skipped_csv(path: Path, skipped: list[tuple[str, str]]) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["path", "reason"])
         wr.writerows(skipped)
