@@ -27,7 +27,7 @@ from wbc.errors import WbcError
 from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
 
 log = logging.getLogger(__name__)
-TEST = -1
+from wbc.folds import TEST  # noqa: E402 - the fold code of the held-out test
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from wbc.errors import WbcError
 from wbc.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
-TEST = -1
+from wbc.folds import TEST  # noqa: E402 - the fold code of the held-out test
 
 
 @dataclass(frozen=True)

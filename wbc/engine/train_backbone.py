@@ -28,6 +28,7 @@ from wbc.engine import distributed as dist
 from wbc.engine.loops import NonFiniteLoss, StepSetup, predict, train_epoch
 from wbc.engine.train_config import TrainConfig
 from wbc.errors import WbcError
+from wbc.folds import resolve_folds
 from wbc.log import progress
 from wbc.metrics import classification_metrics
 from wbc.store import ImageStore, open_store
@@ -38,20 +39,6 @@ log = logging.getLogger(__name__)
 EpochHook = Callable[[int, torch.nn.Module], None]
 
 
-def resolve_folds(store: ImageStore, fold: int | str | Sequence[int]) -> list[int]:
-    n = store.num_folds
-    if fold == "all":
-        return list(range(n))
-    try:
-        folds = [int(f) for f in str(fold).split(",")] if isinstance(fold, (int, str)) else [int(f) for f in fold]
-    except ValueError:
-        raise WbcError(f"--fold {fold!r}: give a fold index 0..{n - 1}, a list like 0,2, or 'all'") from None
-    bad = [f for f in folds if not 0 <= f < n]
-    if bad:
-        raise WbcError(f"fold {bad[0]} out of range: {store.path} has folds 0..{n - 1} (or use --fold all)")
-    return folds
-
-
 def train(
     store_path: str | Path, out: str | Path, cfg: TrainConfig, fold: int | str | Sequence[int] = 0,
     resume: bool = False, overwrite: bool = False, on_epoch_end: EpochHook | None = None,
@@ -60,7 +47,7 @@ def train(
     resolve_name(cfg.backbone)  # fail on a bad name before any work
     cfg = dataclasses.replace(cfg, resize=cfg.resize or crop_resize(cfg.crop))  # record the resolved side
     store = open_store(store_path)
-    folds = resolve_folds(store, fold)
+    folds = resolve_folds(fold, range(store.num_folds), str(store.path))
     env = dist.setup(cfg.device)
     try:
         return [
