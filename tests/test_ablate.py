@@ -92,7 +92,14 @@ def test_ablate_cli_tables_best_marked_and_resume(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in (out / "folds").iterdir()}
     assert run_cli(*args) == 0  # every fold is reused
     assert {p: p.stat().st_mtime_ns for p in (out / "folds").iterdir()} == stamps
-    assert run_cli(*args[:-2], "--lam", "0.5") == 2  # another grid into the same --out
+    asked = (out / "config.yaml").read_bytes()
+    assert run_cli(*args[:-2], "--lam", "0.5") == 2  # another grid into the same --out ...
+    assert (out / "config.yaml").read_bytes() == asked  # ... is refused before anything is rewritten
+    import yaml
+
+    config = yaml.safe_load(asked)
+    assert config["train"]["epochs"] == 8 and config["specs"][0] == "cb_focal_hybrid beta=0.9 gamma=0 lam=0"
+    assert {f["device"] for f in config["ran"].values()} == {"cpu"} and len(config["ran"]) == 3
     assert run_cli("ablate", cache, "--out", tmp_path / "x", "--beta", "0.9,1.2") == 2
 
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn.linear_model import LogisticRegression
 
 from wbc.cache import create_cache, mark_complete, write_rows
@@ -158,7 +159,10 @@ def test_crt_raises_balanced_accuracy_over_stage1(fold_caches, tmp_path):
         epochs = [json.loads(x) for x in (out / f"fold{k}" / "metrics.jsonl").read_text().splitlines()[:-1]]
         assert [e["epoch"] for e in epochs] == list(range(1, len(epochs) + 1))
         assert finals[k]["best_epoch"] == max(epochs, key=lambda e: e["mf1"])["epoch"]
-        assert (out / f"fold{k}" / "config.yaml").exists()
+        config = yaml.safe_load((out / f"fold{k}" / "config.yaml").read_text())
+        assert config["val_fold"] == k and config["loss"]["name"] == "cb_focal_hybrid"  # what was asked
+        assert config["ran"]["device"] == "cpu" and config["ran"]["threads"] == 1  # and what ran
+        assert config["ran"]["streamed"] is False and config["ran"]["dtype"] == "float32"
 
 
 def test_crt_resumes_finished_folds_and_refuses_other_settings(fold_caches, tmp_path, caplog):

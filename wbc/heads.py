@@ -81,6 +81,14 @@ class Head:
     def dim(self) -> int:
         return int(self.weight.shape[1])
 
+    @property
+    def label(self) -> str:
+        """The loss it was trained with, e.g. 'balanced_softmax' (from its config; '' if unknown)."""
+        from wbc.losses import LossSpec
+
+        loss = self.config.get("loss")
+        return LossSpec(**loss).label() if isinstance(loss, dict) else ""
+
     def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', b') with tau-normalisation and logit adjustment folded in: (C, D), (C,)."""
         w = tau_normalise(self.weight, self.tau)

@@ -22,7 +22,7 @@ from wbc.errors import WbcError
 from wbc.losses import LossSpec
 from wbc.metrics import HEADLINE, mean_std
 from wbc.stage2 import HeadConfig
-from wbc.stage2.fit import as_configs, fit
+from wbc.stage2.fitting import as_configs, fit
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from wbc.errors import WbcError
 from wbc.folds import parse_fold_list, resolve_folds
 from wbc.heads import Head, view_mean_softmax
 from wbc.stage2 import HeadConfig
-from wbc.stage2.fit import as_configs, fit
+from wbc.stage2.fitting import as_configs, fit
 from wbc.stage2.validate import headline
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
     from wbc.stage2 import HeadConfig, fit
     heads = fit(open_cache(path), fold=0, configs=[HeadConfig(), HeadConfig(loss="balanced_softmax")])
 
-`HeadConfig` (config.py) is everything a head is a function of, checked when made; `fit` (fit.py)
+`HeadConfig` (config.py) is everything a head is a function of, checked when made; `fit` (fitting.py)
 trains heads with the fused grid trainer (trainer.py: G heads as one matmul, closed-form loss
 gradients from batched_loss.py, per-head early stopping) and picks post-hoc choices on
 validation (validate.py); it returns `wbc.heads.Head`s and writes nothing. `wbc crt` and
@@ -19,7 +19,7 @@ __all__ = ["HeadConfig", "fit"]
 def __getattr__(name: str):
     # `fit` pulls in torch; the CLI imports this package for HeadConfig's defaults only.
     if name == "fit":
-        from wbc.stage2.fit import fit
+        from wbc.stage2.fitting import fit
 
         return fit
     raise AttributeError(f"module 'wbc.stage2' has no attribute {name!r}")
