@@ -143,6 +143,11 @@ def test_tau_auto_is_the_best_validation_mf1_the_smallest_on_ties():
     (ph,) = post_hoc([fit_], _Rows(x), y, np.bincount(y, minlength=c), tau="auto")
     assert ph.tau == TAU_GRID[int(np.argmax(np.round(ref, 9)))]  # np.argmax: the first of equal maxima
     assert ph.metrics["mf1"] == pytest.approx(max(ref))
+    # Rows of equal norm, no bias, one view: tau scales every logit alike, so all taus tie -> 0.
+    unit = SimpleNamespace(weight=(w / np.linalg.norm(w, axis=1, keepdims=True)).astype(np.float32) * 2,
+                           bias=np.zeros(c, np.float32))
+    (tie,) = post_hoc([unit], _Rows(x[:, :1]), y, np.bincount(y, minlength=c), tau="auto")
+    assert tie.tau == 0.0
 
 
 def test_early_stopping_keeps_the_first_best_epoch_and_stops_after_patience():
