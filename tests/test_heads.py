@@ -222,8 +222,8 @@ def test_crt_refuses_a_fold_the_backbone_trained_on(tmp_path, capsys):
 
 
 def test_metrics_from_confusion_equal_wbc_metrics():
-    from wbc.stage2.validate import headline, headline_from_confusion
     from wbc.metrics import confusion
+    from wbc.stage2.validate import headline, headline_from_confusion
 
     rng = np.random.default_rng(0)
     y = rng.choice([0, 1, 3, 4], size=200)  # class 2 absent from the truth

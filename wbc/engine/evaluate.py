@@ -24,10 +24,10 @@ from wbc.ensemble import (
     view_probs,
 )
 from wbc.errors import WbcError
+from wbc.folds import TEST
 from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
 
 log = logging.getLogger(__name__)
-from wbc.folds import TEST  # noqa: E402 - the fold code of the held-out test
 
 
 @dataclass(frozen=True)
