@@ -39,12 +39,14 @@ def wbc(tree: Path, *args) -> float:
 
 def run_tree(tree: Path, cache: str, fold: int, out: Path) -> dict:
     """The four commands in `tree`; their figures."""
-    res: dict = {"seconds": {}}
+    seconds = out / "seconds.json"  # wall times of the steps run so far (a rerun reuses their outputs)
+    res: dict = {"seconds": json.loads(seconds.read_text()) if seconds.exists() else {}}
     steps = [("crt", ["crt", cache, "--fold", fold, "--out", out / "crt", "--threads", 1], out / "crt" / f"fold{fold}" / "head.pt"),
              ("ablate", ["ablate", cache, "--fold", fold, "--out", out / "ablate", "--threads", 1], out / "ablate" / "ablate.csv")]
     for name, args, done in steps:
         if not done.exists():
             res["seconds"][name] = wbc(tree, *args)
+            seconds.write_text(json.dumps(res["seconds"]))
     rows = list(csv.DictReader((out / "ablate" / "ablate.csv").open()))
     best = next(r for r in rows if r["best"] == "1")
     res["ablate_best"] = {"label": best["label"], "val_mf1": float(best["mf1_mean"])}
@@ -52,6 +54,7 @@ def run_tree(tree: Path, cache: str, fold: int, out: Path) -> dict:
     if not head_best.exists():
         res["seconds"]["crt-best"] = wbc(tree, "crt", cache, "--fold", fold, "--out", out / "crt-best", "--threads", 1,
                                          "--beta", best["beta"], "--gamma", best["gamma"], "--lam", best["lam"])
+        seconds.write_text(json.dumps(res["seconds"]))
     if not (out / "eval" / "report.json").exists():
         wbc(tree, "evaluate", "--no-ensembles", "--folds", fold, "--out", out / "eval",
             "--model", f"default:{cache}:{out / 'crt' / 'fold{fold}' / 'head.pt'}",
