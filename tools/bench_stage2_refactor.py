@@ -3,7 +3,8 @@ run by two source trees on one feature cache, and (optionally) two `tools/bench_
 
 Usage: .venv/bin/python tools/bench_stage2_refactor.py --old /tmp/h13-old \
            --cache /work/main/cache/xlab/features/lite0-c160-fold0.zarr --fold 0 --out /tmp/h13-bench/real \
-           [--bench-old old.json --bench-new new.json] [--section stage2-refactor] [--print-only]
+           [--bench-old old.json old2.json --bench-new new.json new2.json] [--section stage2-refactor]
+           [--print-only]
 
 Each tree runs, with PYTHONPATH set to it: `wbc crt` with the defaults, the 27-point `wbc ablate`,
 `wbc crt` with the ablation's best loss on validation, and `wbc evaluate` of both heads on the
@@ -75,8 +76,8 @@ def weight_gap(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in ("weight", "bias"))
 
 
-def bench_rows(old: dict, new: dict) -> list[str]:
-    """tools/bench_crt.py figures of the two trees side by side."""
+def bench_rows(olds: list[dict], news: list[dict]) -> list[str]:
+    """tools/bench_crt.py figures of the two trees side by side (runs of a tree joined by ' / ')."""
     def ratio(r):
         return r["sequential_s"] / r["grid_s"] if "sequential_s" in r else float("nan")
 
@@ -89,7 +90,10 @@ def bench_rows(old: dict, new: dict) -> list[str]:
             ("(2) grid vs alone: max weight difference", lambda r: r.get("max_weight_diff", float("nan"))),
             ("(3) streaming: peak RSS above the baseline, MiB", lambda r: (r["stream"]["peak"] - r["stream"]["base"]) / 2**20),
             ("fp32 GEMM GFLOP/s measured in the run (best of 2)", lambda r: r["gemm"] / 1e9)]
-    return [f"| {name} | {f(old):.3g} | {f(new):.3g} |" for name, f in figs]
+    def cell(runs: list[dict], f) -> str:
+        return " / ".join(f"{f(r):.3g}" for r in runs)
+
+    return [f"| {name} | {cell(olds, f)} | {cell(news, f)} |" for name, f in figs]
 
 
 def main() -> None:
@@ -99,8 +103,8 @@ def main() -> None:
     ap.add_argument("--cache", required=True)
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "cache/bench/stage2-refactor")
-    ap.add_argument("--bench-old", type=Path)
-    ap.add_argument("--bench-new", type=Path)
+    ap.add_argument("--bench-old", type=Path, nargs="*", default=[], help="bench_crt.json file(s) of the old tree")
+    ap.add_argument("--bench-new", type=Path, nargs="*", default=[], help="... of the new tree, run in turn with them")
     ap.add_argument("--bench-epochs", type=int, default=15, help="the --epochs the bench_crt JSONs ran with")
     ap.add_argument("--section", default="stage2-refactor")
     ap.add_argument("--print-only", action="store_true")
@@ -128,11 +132,16 @@ def main() -> None:
             lines.append(f"| `wbc {step.replace('-best', '')}` wall s{' (best loss)' if 'best' in step else ''} | "
                          f"{o['seconds'][step]:.1f} | {n['seconds'][step]:.1f} |")
     if a.bench_old and a.bench_new:
-        bo, bn = (json.loads(p.read_text()) for p in (a.bench_old, a.bench_new))
-        lines += ["", (f"`tools/bench_crt.py --epochs {a.bench_epochs}` (synthetic {bo['rows']:,} images x 8 views x "
-                       "2048, one run per tree, one after the other, on the same cache; the machine was shared):"), "",
+        bo, bn = ([json.loads(p.read_text()) for p in ps] for ps in (a.bench_old, a.bench_new))
+        lines += ["", (f"`tools/bench_crt.py --epochs {a.bench_epochs}` (synthetic {bo[0]['rows']:,} images x 8 views x "
+                       f"2048; {len(bo)} run(s) per tree, the trees in turn, on the same cache; values of successive "
+                       "runs joined by ' / '; the machine was shared with other jobs, so wall times swing with their "
+                       "load and CPU seconds are the steadier figure):"), "",
                   "| figure | before | after |", "|---|---|---|", *bench_rows(bo, bn)]
-    lines += ["", f"Machine: {machine()}."]
+    old_rev = subprocess.run(["git", "-C", str(a.old), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=False).stdout.strip() or "?"
+    lines += ["", f"Machine: {machine()}. Old tree: commit {old_rev} (`git worktree add --detach {a.old} {old_rev}`).",
+              f"Command: `python tools/{Path(__file__).name} {' '.join(sys.argv[1:])}`."]
     md = "\n".join(lines)
     print(md)
     if not a.print_only:
