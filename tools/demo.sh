@@ -17,7 +17,7 @@ START=$(date +%s)
 step() { printf '\n\033[1m== %s\033[0m  (%ds)\n' "$*" $(( $(date +%s) - START )); }
 complete_cache() { [ -f "$1/zarr.json" ] && grep -q '"complete": true' "$1/zarr.json"; }
 complete_run() {  # a finished Stage-1 fold marks best.pt complete
-  [ -f "$1/best.pt" ] && .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.load(sys.argv[1], map_location='cpu', weights_only=False).get('complete') else 1)" "$1/best.pt"
+  [ -f "$1/best.pt" ] && .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.load(sys.argv[1], map_location='cpu', weights_only=True).get('complete') else 1)" "$1/best.pt"
 }
 
 step "prepare: decode, Macenko onto an auto-chosen template, resize 368 -> $STORE"

@@ -8,7 +8,6 @@ Its probability for an image is the softmax of each view's logits, averaged over
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,11 +134,12 @@ class Head:
 
     def save(self, path: str | Path) -> Path:
         """Write head.pt atomically (a partial file never replaces a complete one)."""
+        from wbc.fsutil import atomic_write
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.to_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as f:
+            torch.save(self.to_dict(), f)
         return path
 
     @classmethod

@@ -46,6 +46,13 @@ def _config(loss, sampler, epochs, lr, weight_decay, batch_size, patience, seed,
                       memory_gb=memory_gb, stream=stream, threads=threads)
 
 
+def _claim(out: Path):
+    """The heads dir must be writable before training, and one job at a time writes it."""
+    from wbc.fsutil import check_writable, output_lock
+
+    return output_lock(check_writable(out, "heads directory"))
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -79,7 +86,8 @@ def crt(
 
     cfg = _config(LossSpec(loss, beta, gamma, lam), sampler, epochs, lr, weight_decay, batch_size, patience, seed,
                   tau, logit_adjust, memory_gb, stream, threads)
-    runs = run_crt(cache, out, fold, cfg, overwrite)
+    with _claim(out):
+        runs = run_crt(cache, out, fold, cfg, overwrite)
     table = Table(title=f"cRT {cfg.loss.label()} (validation, %)")
     for col in ("fold", "epoch", "tau", "MF1", "BAcc", "MP", "MSpec", "Stage-1 MF1", "Stage-1 BAcc", "s"):
         table.add_column(col, justify="right")
@@ -129,7 +137,8 @@ def ablate(
                        parse_floats(gamma, "gamma"), parse_floats(lam, "lam"))
     cfg = _config(_L, sampler, epochs, lr, weight_decay, batch_size, patience, seed, tau, logit_adjust,
                   memory_gb, stream, threads)
-    rows = run_ablate(cache, out, specs, fold, cfg, save_heads, overwrite)
+    with _claim(out):
+        rows = run_ablate(cache, out, specs, fold, cfg, save_heads, overwrite)
     folds = len(rows[0].per_fold)
     table = Table(title=f"Loss ablation: {len(rows)} configurations, mean ± std over {folds} fold(s) (%)")
     for col in ("configuration", "MF1", "BAcc", "MP", "MSpec"):

@@ -19,6 +19,7 @@ from pathlib import Path
 from wbc.config import config_hash, save_config, to_dict
 from wbc.engine.crt import FoldCaches, stage1_val_metrics
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write
 from wbc.losses import LossSpec
 from wbc.metrics import HEADLINE, mean_std
 from wbc.stage2 import HeadConfig
@@ -117,9 +118,8 @@ def _fold(caches: FoldCaches, k: int, out: Path, configs: list[HeadConfig], key:
               "stage1": stage1_val_metrics(data, k), "ran": heads[0].training["ran"]}
     path = out / "folds" / f"fold{k}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(record, indent=1))
     log.info("fold %d: %d heads in %.1f s", k, len(configs), seconds)
     return record
 

@@ -20,6 +20,7 @@ from wbc.cache import FeatureCache, open_cache
 from wbc.config import save_config
 from wbc.errors import WbcError
 from wbc.folds import parse_fold_list, resolve_folds
+from wbc.fsutil import atomic_write
 from wbc.heads import Head, view_mean_softmax
 from wbc.stage2 import HeadConfig
 from wbc.stage2.fitting import as_configs, fit
@@ -128,9 +129,8 @@ def _write_fold(head: Head, stage1: dict, fold_dir: Path) -> FoldRun:
              "tau": head.tau, "logit_adjust": head.config["logit_adjust"], "metrics": t["metrics"],
              "stage1": stage1, "seconds": t["seconds"], "train_rows": t["train_rows"],
              "val_rows": t["val_rows"], "class_counts": t["class_counts"]}
-    tmp = fold_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in t["history"]) + json.dumps(final) + "\n")
-    tmp.replace(fold_dir / "metrics.jsonl")
+    with atomic_write(fold_dir / "metrics.jsonl") as f:
+        f.write("".join(json.dumps(h) + "\n" for h in t["history"]) + json.dumps(final) + "\n")
     head.save(fold_dir / "head.pt")  # last: its presence marks the fold finished
     m = t["metrics"]
     log.info("fold %d: MF1 %.4f BAcc %.4f (Stage-1 MF1 %.4f) best epoch %d, tau %g, %.1f s", head.fold,

@@ -8,6 +8,7 @@ optimizer, scheduler, scaler and early-stopping state travel in last.pt.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -29,6 +30,7 @@ from wbc.engine.loops import NonFiniteLoss, StepSetup, predict, train_epoch
 from wbc.engine.train_config import TrainConfig
 from wbc.errors import WbcError
 from wbc.folds import resolve_folds
+from wbc.fsutil import check_writable, output_lock
 from wbc.log import progress
 from wbc.metrics import classification_metrics
 from wbc.store import ImageStore, open_store
@@ -45,18 +47,34 @@ def train(
 ) -> list[Path]:
     """Train each requested fold in turn (`fold`: an index, a list, or "all"); returns fold dirs."""
     resolve_name(cfg.backbone)  # fail on a bad name before any work
+    check_writable(out, "run directory")
     cfg = dataclasses.replace(cfg, resize=cfg.resize or crop_resize(cfg.crop))  # record the resolved side
     store = open_store(store_path)
     folds = resolve_folds(fold, range(store.num_folds), str(store.path))
     env = dist.setup(cfg.device)
     try:
         return [
-            train_fold(store, Path(out) / f"fold{k}", dataclasses.replace(cfg, fold=k), env,
+            _locked_fold(store, Path(out) / f"fold{k}", dataclasses.replace(cfg, fold=k), env,
                        resume=resume, overwrite=overwrite, on_epoch_end=on_epoch_end)
             for k in folds
         ]
     finally:
         dist.teardown(env)
+
+
+def _locked_fold(store: ImageStore, run: Path, cfg: TrainConfig, env: dist.DistEnv, **kw) -> Path:
+    """train_fold while rank 0 holds the run dir's lock (RUN.lock): a second job training the
+    same fold is refused, on every rank, before it touches the run dir (--overwrite included)."""
+    with contextlib.ExitStack() as held:
+        err = None
+        if env.is_main:
+            try:
+                held.enter_context(output_lock(run))
+            except WbcError as e:
+                err = e
+        if dist.any_true(env, err is not None):
+            raise err or WbcError(f"{run} is being written by another job (see rank 0)")
+        return train_fold(store, run, cfg, env, **kw)
 
 
 def _split(store: ImageStore, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,7 +236,7 @@ def _oom_error(cfg: TrainConfig, micro: int, run: Path) -> WbcError:
 
 
 def _mark_best_complete(path: Path) -> None:
-    best = torch.load(path, map_location="cpu", weights_only=False)
+    best = torch.load(path, map_location="cpu", weights_only=True)  # our own file, plain types
     best["complete"] = True
     ckp.save_atomic(best, path)
 
