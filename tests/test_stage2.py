@@ -45,14 +45,16 @@ def test_config_takes_a_loss_name_and_refuses_unknown_ones_listing_the_registry(
                                     ({"batch_size": 0}, "--batch-size"), ({"patience": 0}, "--patience"),
                                     ({"weight_decay": -1.0}, "--weight-decay"), ({"sampler": "x"}, "unknown sampler"),
                                     ({"tau": "x"}, "--tau"), ({"tau": -0.5}, "--tau"), ({"memory_gb": 0}, "--memory-gb"),
-                                    ({"loss": 3}, "loss name")])
+                                    ({"loss": 3}, "loss name"), ({"lr": float("nan")}, "--lr"),
+                                    ({"logit_adjust": float("inf")}, "--logit-adjust"), ({"tau": "inf"}, "--tau")])
 def test_config_refuses_bad_values(kw, msg):
     with pytest.raises(WbcError, match=msg):
         HeadConfig(**kw)
 
 
 @pytest.mark.parametrize("kw,msg", [({"beta": 1.0}, "--beta"), ({"beta": -0.1}, "--beta"), ({"gamma": -1.0}, "--gamma"),
-                                    ({"lam": 1.5}, "--lam"), ({"lam": -0.1}, "--lam")])
+                                    ({"lam": 1.5}, "--lam"), ({"lam": -0.1}, "--lam"), ({"gamma": float("nan")}, "--gamma"),
+                                    ({"gamma": float("inf")}, "finite"), ({"la_tau": float("nan")}, "finite")])
 def test_loss_spec_refuses_bad_values_when_made(kw, msg):
     with pytest.raises(WbcError, match=msg):
         HeadConfig(loss=LossSpec(**kw))

@@ -16,6 +16,7 @@ This module is numpy only (no torch), so the CLI can list the registry's names c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +56,8 @@ class LossSpec:
             raise WbcError(f"--gamma must be >= 0, got {self.gamma:g} (0 = no focal term)")
         if not 0.0 <= self.lam <= 1.0:
             raise WbcError(f"--lam must be in [0, 1], got {self.lam:g} (0 = CB-CE, 1 = CB-focal)")
+        if not (self.gamma < math.inf and math.isfinite(self.la_tau)):
+            raise WbcError(f"gamma and la_tau must be finite, got {self.gamma:g} and {self.la_tau:g}")
 
     @property
     def uses(self) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ Defaults are the paper's cRT recipe. Import-light (no torch): the CLI reads its 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from wbc.errors import WbcError
@@ -52,6 +53,8 @@ class HeadConfig:
             raise WbcError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.threads < 0:
             raise WbcError(f"--threads must be >= 0, got {self.threads}")
+        if not math.isfinite(self.logit_adjust):
+            raise WbcError(f"--logit-adjust must be a finite number, got {self.logit_adjust}")
         object.__setattr__(self, "tau", parse_tau(self.tau))
 
     def training_key(self) -> tuple:
@@ -79,6 +82,6 @@ def parse_tau(tau) -> float | str:
         value = float(tau)
     except (TypeError, ValueError):
         raise WbcError(f"--tau must be a number >= 0 or 'auto', got {tau!r}") from None
-    if not value >= 0:
-        raise WbcError(f"--tau must be >= 0, got {value:g}")
+    if not 0 <= value < math.inf:
+        raise WbcError(f"--tau must be a number >= 0 or 'auto', got {value:g}")
     return value
