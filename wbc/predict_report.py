@@ -66,8 +66,8 @@ def render_predictions(csv_path: str | Path, out: Path | None = None, labels: di
     pred = [r["predicted"] for r in rows]
     counts = {c: pred.count(c) for c in classes}
     n = len(rows)
-    body = [f"<p><b>Data scored:</b> {esc(source or csv_path)}: {n} cells classified "
-            f"(predictions: {esc(csv_path.name)}).</p>", "<h2>Differential count</h2>",
+    body = [(f"<p><b>Data scored:</b> {esc(source or csv_path)}: {n} cells classified "
+            f"(predictions: {esc(csv_path.name)}).</p>"), "<h2>Differential count</h2>",
             table(["class", "cells", "%"] + (["flagged for review"] if has_review else []),
                   [[classes[i], counts[classes[i]], f"{100 * counts[classes[i]] / max(n, 1):.1f}"]
                    + ([int(sum(f for f, p in zip(flag, pred) if p == classes[i]))] if has_review else [])

@@ -156,12 +156,12 @@ def render_report(report_dir: str | Path, per_class_cells: int = 8, saliency: bo
     scored = doc.get("scored") or (f"held-out test rows (fold -1) of image store {src.get('store') or '?'}"
                                    f"; folds {doc.get('folds')}")
     counts = ", ".join(f"{names[i]} {int(support[i])}" for i in order)
-    body = ['<nav><a href="#metrics">Metrics</a><a href="#confusion">Confusion</a><a href="#calibration">'
-            'Calibration</a><a href="#curves">Training</a><a href="#gallery">Cells</a></nav>',
+    body = [('<nav><a href="#metrics">Metrics</a><a href="#confusion">Confusion</a><a href="#calibration">'
+            'Calibration</a><a href="#curves">Training</a><a href="#gallery">Cells</a></nav>'),
             f"<p><b>Data scored:</b> {esc(scored)}.<br><b>n = {n} cells</b>; n per class: {esc(counts)}.</p>",
             '<h2 id="metrics">Metrics</h2>', metrics_table(doc),
-            "<p>Percent, mean ± std over folds; <span class='best'>best bold</span>, "
-            "<span class='second'>second underlined</span>; ECE: lower is better.</p>", per_class_html(doc, order)]
+            ("<p>Percent, mean ± std over folds; <span class='best'>best bold</span>, "
+            "<span class='second'>second underlined</span>; ECE: lower is better.</p>"), per_class_html(doc, order)]
     sub = f"{best['name']}: n = {n} cells" + (f" x {len(best['folds'])} folds' models (summed)" if len(best["folds"]) > 1 else "")
     sub += f", Macro-F1 {100 * best['mf1']['mean']:.1f}"
     body += ['<h2 id="confusion">Confusion matrix of the best row</h2>',

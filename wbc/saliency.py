@@ -35,11 +35,14 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | np.
     """
     model.eval()
     target = torch.as_tensor(np.asarray(target), dtype=torch.long, device=x.device)
-    with torch.enable_grad():
+    with torch.no_grad():
         raw = model.forward_features(x)
-        nchw = _nchw(raw, getattr(model, "num_features", None))
-        if nchw is not raw:  # keep the graph: grads are taken w.r.t. the tensor the head consumes
-            raw = nchw.permute(0, 2, 3, 1)
+    nchw = _nchw(raw, getattr(model, "num_features", None))
+    swapped = nchw is not raw
+    # Grad-CAM needs d logit / d map only: the backbone below the map runs without a graph.
+    nchw = nchw.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        raw = nchw.permute(0, 2, 3, 1) if swapped else nchw
         emb = model.forward_head(raw, pre_logits=True)
         logits = emb @ head[0].t().to(emb) + head[1].to(emb) if head is not None else model.get_classifier()(emb)
         score = logits.gather(1, target[:, None]).sum()

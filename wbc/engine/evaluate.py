@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -73,14 +74,15 @@ def table_rows(models: list[ModelSpec], ensembles: bool = True) -> list[tuple[st
 
 
 def row_key(models: list[ModelSpec], members: tuple[str, ...], decoupled: bool) -> frozenset:
-    """What a row averages: the set of (caches, heads) of its members (a mean of equal members is
-    the member, so a set, not a list)."""
+    """What a row averages: each distinct (caches, heads) pair with its share of the members (a mean
+    of equal members is that member; (2A + B) / 3 is not (A + B) / 2)."""
     by = {m.name: m for m in models}
 
     def real(paths) -> tuple[Path, ...]:
         return tuple(Path(q).resolve() for q in paths)
 
-    return frozenset((real(by[n].caches), real(by[n].heads) if decoupled else ()) for n in members)
+    keys = [(real(by[n].caches), real(by[n].heads) if decoupled else ()) for n in members]
+    return frozenset((k, Fraction(keys.count(k), len(keys))) for k in set(keys))
 
 
 def _all_rows(models: list[ModelSpec], ensembles: bool) -> list[tuple[str, str, tuple[str, ...], bool]]:
