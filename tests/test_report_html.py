@@ -217,3 +217,21 @@ def test_wbc_report_rerenders_and_refuses_bad_input(run, tmp_path):
     r = wbc("report", tmp_path / "nothing-here")
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     assert "not an evaluate report folder" in " ".join((r.stdout + r.stderr).split())  # rich wraps lines
+
+
+def test_external_report_names_its_set_and_shows_a_member_once(tmp_path):
+    from tests.test_external import build_env, write_external
+    from wbc.engine.predict import save_ensemble
+
+    env = build_env(tmp_path / "e", members=1)
+    (ckpt, _, head), = env.members
+    ens = save_ensemble([f"{ckpt}:{head}"] * 2, env.store_path, "d4", tmp_path / "twice.yaml")
+    manifest = write_external(tmp_path / "jtsc", ["X"] * 4 + ["C"] * 2, broken=False)
+    r = wbc("evaluate", "--ensemble", ens, "--external", manifest, "--label-map", "A=X,B=X", "--out",
+            tmp_path / "rep", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [row["name"] for row in doc["rows"]] == ["test-fold0"]  # not twice, and no equal 'ensemble' row
+    assert doc["title"] == "External set jtsc/manifest.csv (6 images)"
+    html = tmp_path / "rep" / "report.html"
+    assert "External set jtsc/manifest.csv" in html.read_text() and page_status(html).startswith("ok images=")

@@ -168,18 +168,19 @@ def render_report(report_dir: str | Path, per_class_cells: int = 8, saliency: bo
              figure(figures.confusion_figure(cm, names, title, sub), "confusion matrix"),
              figure(figures.per_class_figure(per_class(cm), names, f"{best['name']}: per-class precision, recall, F1"),
                     "per-class bars")]
-    body.append('<h2 id="calibration">Reliability</h2>')
     if arrays is not None:
+        body.append('<h2 id="calibration">Reliability</h2>')
         labels = arrays["labels"]
         ok = labels >= 0
         curves = {r["name"]: (arrays["probs"][i][:, ok].reshape(-1, len(names)), np.tile(labels[ok], arrays["probs"].shape[1]))
                   for i, r in enumerate(rows)}
         body.append(figure(figures.reliability_figure(curves, "Reliability (all folds' predictions pooled)"),
                            "reliability diagram"))
-    else:
-        body.append("<p>No report.npz: rerun `wbc evaluate` to get the per-cell probabilities.</p>")
-    body += ['<h2 id="curves">Training curves</h2>', curves_html(src), ablation_html(src.get("ablation"))]
+    if src:
+        body += ['<h2 id="curves">Training curves</h2>', curves_html(src), ablation_html(src.get("ablation"))]
     body.append('<h2 id="gallery">Cells</h2>')
+    if arrays is None:
+        body.append("<p>Per-cell predictions: predictions.csv beside this report.</p>")
     stats = {"cells": 0, "saliency": 0}
     if arrays is not None:
         i_best = rows.index(best)

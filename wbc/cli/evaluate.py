@@ -101,6 +101,9 @@ def _external(ensemble, external, label_map, out, batch_size, device, title, zoo
     if res.failed:
         console.print(f"[yellow]{len(res.failed)} images could not be read; listed in {res.paths['failed']}[/]")
     console.print(f"report: {res.paths['md']}  json: {res.paths['json']}  confusion: {res.paths['png']}")
+    from wbc.report_html import render_report
+
+    console.print(f"open in a browser: {render_report(out, 0, False, device)}")
 
 
 @ensemble_app.command("save")
