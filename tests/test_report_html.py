@@ -217,6 +217,10 @@ def test_wbc_report_rerenders_and_refuses_bad_input(run, tmp_path):
     r = wbc("report", tmp_path / "nothing-here")
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     assert "not an evaluate report folder" in " ".join((r.stdout + r.stderr).split())  # rich wraps lines
+    r = wbc("evaluate", "--model", "a:c0.zarr", "--folds", "0", "--out", tmp_path / "x", "--ablation", tmp_path,
+            cwd=run.dir)
+    assert r.returncode == 2 and "no ablate.csv there" in " ".join((r.stdout + r.stderr).split())
+    assert not (tmp_path / "x").exists()  # refused before anything is computed or written
 
 
 def test_external_report_names_its_set_and_shows_a_member_once(tmp_path):

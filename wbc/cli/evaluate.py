@@ -66,7 +66,7 @@ def evaluate(
         _external(ensemble, external, label_map, out or Path("reports/external"), batch_size, device, title, zoom)
         return
     from wbc.engine.evaluate import evaluate_table
-    from wbc.report import rich_table, write_report
+    from wbc.report import class_counts_line, rich_table, write_report
     from wbc.report_html import render_report, report_sources
 
     out = out or Path("reports/table1")
@@ -77,11 +77,14 @@ def evaluate(
 
     fold_list = parse_fold_list(folds, "--folds")
     models = [parse_model(m, fold_list) for m in model]
+    if ablation is not None and not (ablation / "ablate.csv").is_file():
+        raise WbcError(f"--ablation {ablation}: no ablate.csv there (give a `wbc ablate --out` folder)")
     rows, classes = evaluate_table(models, fold_list, calibrate=calibrate, ensembles=ensembles)
     sources = {**report_sources(models, fold_list), "ablation": str(ablation.resolve()) if ablation else None}
     paths = write_report(rows, classes, out, title,
                          extra={"folds": fold_list, "calibrated": calibrate, "sources": sources})
     console.print(rich_table(rows, title))
+    console.print(f"held-out test: {rows[0].folds[0]['n']} cells; {class_counts_line(rows[0], classes)}")
     html = render_report(out, gallery, saliency, device)
     console.print(f"report: {paths['md']}  json: {paths['json']}  confusion: {paths['png']}")
     console.print(f"open in a browser: {html}")
