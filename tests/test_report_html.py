@@ -74,6 +74,7 @@ def test_evaluate_writes_a_self_contained_report(run, tmp_path):
     assert "open in a browser" in run.stdout and html.is_file()
     text = html.read_text()
     assert "Tiny held-out test" in text and "n per class: PMY 2, SNE 2, LY 2, BA 2" in text
+    assert f"image store {run.dir / 'store.h5'}" in (run.out / "report.md").read_text()
     assert "http://" not in text and "https://" not in text  # nothing fetched from the network
     assert text.count("<img ") >= 2 * 8 + 5  # 8 gallery cells + Grad-CAM each, 5 figures (curves, ablation...)
     assert "Loss ablation" in text and "beta=0.9999 gamma=1 lambda=1" in text

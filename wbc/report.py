@@ -121,7 +121,9 @@ def write_report(rows: list[RowResult], class_names: list[str], out_dir: Path, t
     out_dir.mkdir(parents=True, exist_ok=True)
     best = best_row(rows)
     n = best.folds[0]["n"]
-    md = [f"# {title}", "", f"Held-out test: {n} cells; {class_counts_line(best, class_names)}.", "",
+    store = ((extra or {}).get("sources") or {}).get("store")
+    scored = f" (fold -1 rows of image store {store})" if store else ""
+    md = [f"# {title}", "", f"Held-out test{scored}: {n} cells; {class_counts_line(best, class_names)}.", "",
           markdown_table(rows), "",
           ("Values are percent, mean ± std over folds; best **bold**, second <u>underlined</u>; "
           "ECE: lower is better."), ""]
