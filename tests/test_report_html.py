@@ -201,6 +201,7 @@ def test_predictions_page_counts_and_order(tmp_path, review):
     text = html.read_text()
     assert html == tmp_path / "P.html"
     assert "<td>SNE</td><td>3</td><td>75.0</td>" in text and "<td>PMY</td><td>1</td><td>25.0</td>" in text
+    assert "width:225px" in text  # the count bar: 75% of 300 px
     sne = text[text.index("SNE: 3 cells"):]
     want = ["c2.png", "c1.png", "c0.png"] if review else ["c1.png", "c2.png", "c0.png"]  # flagged first
     assert [sne.index(f'alt="{w}"') for w in want] == sorted(sne.index(f'alt="{w}"') for w in want)

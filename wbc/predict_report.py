@@ -68,10 +68,13 @@ def render_predictions(csv_path: str | Path, out: Path | None = None, labels: di
     n = len(rows)
     body = [(f"<p><b>Data scored:</b> {esc(source or csv_path)}: {n} cells classified "
             f"(predictions: {esc(csv_path.name)}).</p>"), "<h2>Differential count</h2>",
-            table(["class", "cells", "%"] + (["flagged for review"] if has_review else []),
-                  [[classes[i], counts[classes[i]], f"{100 * counts[classes[i]] / max(n, 1):.1f}"]
+            table(["class", "cells", "%", ""] + (["flagged for review"] if has_review else []),
+                  [[esc(classes[i]), counts[classes[i]], f"{100 * counts[classes[i]] / max(n, 1):.1f}",
+                    f'<span class="bar"><span class="b" style="width:{300 * counts[classes[i]] / max(n, 1):.0f}px">'
+                    "</span></span>"]
                    + ([int(sum(f for f, p in zip(flag, pred) if p == classes[i]))] if has_review else [])
-                   for i in order] + [["total", n, "100.0"] + ([int(flag.sum())] if has_review else [])])]
+                   for i in order] + [["total", n, "100.0", ""] + ([int(flag.sum())] if has_review else [])],
+                  raw=True)]
     known = [(truth.get(r["image"]), r["predicted"]) for r in rows if truth.get(r["image"])]
     if known:
         agree = sum(t == p for t, p in known)
