@@ -241,3 +241,17 @@ def test_external_report_names_its_set_and_shows_a_member_once(tmp_path):
     assert doc["title"] == "External set jtsc/manifest.csv (6 images)"
     html = tmp_path / "rep" / "report.html"
     assert "External set jtsc/manifest.csv" in html.read_text() and page_status(html).startswith("ok images=")
+
+
+def test_reliability_bins_are_the_metrics_ece():
+    from wbc.metrics import expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4) * 0.5, 500)
+    labels = rng.integers(0, 4, 500)
+    acc, conf, count = figures.reliability_curve(probs, labels)
+    ok = count > 0
+    ece = float((count[ok] / count.sum() * np.abs(acc[ok] - conf[ok])).sum())
+    assert ece == pytest.approx(expected_calibration_error(probs, labels))
+    fig = figures.reliability_figure({"m": (probs, labels)}, "t")
+    assert f"ECE {100 * ece:.1f}" in fig.axes[0].get_legend().get_texts()[1].get_text()

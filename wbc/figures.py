@@ -105,29 +105,33 @@ def per_class_figure(per_class: dict[str, np.ndarray], class_names: list[str], t
     return fig
 
 
-def reliability_curve(probs: np.ndarray, labels: np.ndarray, bins: int = 10):
-    """(bin centres, accuracy, mean confidence, count) over equal-width confidence bins.
-    probs: (N, C); labels: (N,). Empty bins are NaN."""
+def reliability_curve(probs: np.ndarray, labels: np.ndarray, bins: int = 15):
+    """(accuracy, mean confidence, count) per equal-width confidence bin, binned exactly as
+    `wbc.metrics.expected_calibration_error`. probs: (N, C); labels: (N,). Empty bins are NaN."""
     conf = probs.max(1)
     hit = probs.argmax(1) == labels
-    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    idx = np.clip(np.digitize(conf, np.linspace(0.0, 1.0, bins + 1)[1:-1], right=True), 0, bins - 1)
     count = np.bincount(idx, minlength=bins)
     acc = np.bincount(idx, hit.astype(float), bins) / np.maximum(count, 1)
     mean_conf = np.bincount(idx, conf, bins) / np.maximum(count, 1)
     empty = count == 0
     acc[empty], mean_conf[empty] = np.nan, np.nan
-    return (np.arange(bins) + 0.5) / bins, acc, mean_conf, count
+    return acc, mean_conf, count
 
 
-def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, bins: int = 10):
-    """One line per row: accuracy against mean confidence per bin; curves: name -> (probs, labels)."""
+def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, bins: int = 15):
+    """One line per row: accuracy against mean confidence per bin; curves: name -> (probs, labels).
+    The legend's ECE is the metrics table's (same bins)."""
+    from wbc.metrics import expected_calibration_error
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.2), layout="constrained")
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfectly calibrated")
     for name, (p, y) in curves.items():
-        _, acc, conf, count = reliability_curve(p, y, bins)
-        ece = float(np.nansum(count / max(count.sum(), 1) * np.abs(acc - conf)))
-        ax.plot(conf, acc, marker="o", ms=3, label=f"{name} (ECE {100 * ece:.1f})")
+        acc, conf, _ = reliability_curve(p, y, bins)
+        ok = ~np.isnan(acc)
+        ece = expected_calibration_error(p, y, bins)
+        ax.plot(conf[ok], acc[ok], marker="o", ms=3, label=f"{name} (ECE {100 * ece:.1f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (max probability)")

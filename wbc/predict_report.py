@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,19 @@ def _thumb(path: str, base: Path) -> str:
         return "<div>(image not readable)</div>"
 
 
+def count_table(classes: list[str], order: list[int], pred: list[str], flag: np.ndarray | None) -> str:
+    """The differential count: cells and % per predicted class with a bar; flagged cells if known."""
+    n = max(len(pred), 1)
+    rows = []
+    for i in order:
+        k = pred.count(classes[i])
+        bar = f'<span class="bar"><span class="b" style="width:{300 * k / n:.0f}px"></span></span>'
+        flagged = [int(sum(f for f, p in zip(flag, pred) if p == classes[i]))] if flag is not None else []
+        rows.append([esc(classes[i]), k, f"{100 * k / n:.1f}", bar, *flagged])
+    rows.append(["total", len(pred), "100.0", "", *([int(flag.sum())] if flag is not None else [])])
+    return table(["class", "cells", "%", "", *(["flagged for review"] if flag is not None else [])], rows, raw=True)
+
+
 def render_predictions(csv_path: str | Path, out: Path | None = None, labels: dict[str, str] | None = None,
                        source: str | None = None, per_class: int = 60) -> Path:
     """Write P.html beside P.csv (or `out`). labels: image path -> true class, optional.
@@ -64,17 +78,10 @@ def render_predictions(csv_path: str | Path, out: Path | None = None, labels: di
     truth = {**(labels or {}), **{r["image"]: r["label"] for r in rows if r.get("label")}}
     order = lineage_order(classes)
     pred = [r["predicted"] for r in rows]
-    counts = {c: pred.count(c) for c in classes}
     n = len(rows)
     body = [(f"<p><b>Data scored:</b> {esc(source or csv_path)}: {n} cells classified "
             f"(predictions: {esc(csv_path.name)}).</p>"), "<h2>Differential count</h2>",
-            table(["class", "cells", "%", ""] + (["flagged for review"] if has_review else []),
-                  [[esc(classes[i]), counts[classes[i]], f"{100 * counts[classes[i]] / max(n, 1):.1f}",
-                    f'<span class="bar"><span class="b" style="width:{300 * counts[classes[i]] / max(n, 1):.0f}px">'
-                    "</span></span>"]
-                   + ([int(sum(f for f, p in zip(flag, pred) if p == classes[i]))] if has_review else [])
-                   for i in order] + [["total", n, "100.0", ""] + ([int(flag.sum())] if has_review else [])],
-                  raw=True)]
+            count_table(classes, order, pred, flag if has_review else None)]
     known = [(truth.get(r["image"]), r["predicted"]) for r in rows if truth.get(r["image"])]
     if known:
         agree = sum(t == p for t, p in known)
@@ -102,7 +109,7 @@ def render_predictions(csv_path: str | Path, out: Path | None = None, labels: di
             body.append(f'<div class="cell {cls}">{_thumb(rows[j]["image"], csv_path.parent)}'
                         f"<div>predicted <b>{esc(c)}</b>{' (flagged)' if flag[j] else ''}</div>{extra}"
                         + prob_bars([(classes[k], float(probs[j, k])) for k in top])
-                        + f'<div class="path">{esc(rows[j]["image"])}</div></div>')
+                        + f'<div class="path">{esc(os.path.normpath(rows[j]["image"]))}</div></div>')
         body.append("</div>")
     out = out or csv_path.with_suffix(".html")
     path = write_page(out, page(f"Predictions: {source or csv_path.name}", body, "wbc predict report"))
