@@ -197,7 +197,7 @@ def _predictions(path: Path, review: bool) -> Path:
 def test_predictions_page_counts_and_order(tmp_path, review):
     from wbc.predict_report import render_predictions
 
-    html = render_predictions(_predictions(tmp_path / "P.csv", review), labels={"c1.png": "PMY"})
+    html = render_predictions(_predictions(tmp_path / "P.csv", review), labels={str(tmp_path / "c1.png"): "PMY"})
     text = html.read_text()
     assert html == tmp_path / "P.html"
     assert "<td>SNE</td><td>3</td><td>75.0</td>" in text and "<td>PMY</td><td>1</td><td>25.0</td>" in text
@@ -255,3 +255,12 @@ def test_reliability_bins_are_the_metrics_ece():
     assert ece == pytest.approx(expected_calibration_error(probs, labels))
     fig = figures.reliability_figure({"m": (probs, labels)}, "t")
     assert f"ECE {100 * ece:.1f}" in fig.axes[0].get_legend().get_texts()[1].get_text()
+
+
+def test_wbc_report_of_a_predictions_csv_shows_the_source_labels(tmp_path):
+    csv_path = _predictions(tmp_path / "P.csv", review=False)
+    (tmp_path / "src.csv").write_text("image,label\n" + "".join(f"c{i}.png,PMY\n" for i in range(4)))
+    r = wbc("report", csv_path, "--source", tmp_path / "src.csv", "--out", tmp_path / "x.html")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "x.html").read_text()
+    assert text.count("label <b>PMY</b>") == 4 and "4 cells have a known class (label): 1 predicted" in text

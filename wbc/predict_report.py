@@ -39,11 +39,16 @@ def read_predictions(path: Path) -> tuple[list[dict], list[str]]:
     return rows, classes
 
 
+def _resolve(path: str, base: Path) -> Path:
+    """An image path from P.csv: as written (relative to where predict ran), else relative to P.csv."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else base / p
+
+
 def _thumb(path: str, base: Path) -> str:
     from PIL import Image
 
-    p = Path(path)
-    p = p if p.is_absolute() or p.exists() else base / p
+    p = _resolve(path, base)
     try:
         with Image.open(p) as im:
             return f'<img alt="{esc(p.name)}" src="{jpeg_uri(np.asarray(im.convert("RGB")))}">'
@@ -75,7 +80,9 @@ def render_predictions(csv_path: str | Path, out: Path | None = None, labels: di
                      for r, p in zip(rows, probs)]) if rows else np.zeros(0)
     flag = np.array([str(r.get("review", "")).strip().lower() in TRUE for r in rows], bool)
     has_review = bool(rows) and "review" in rows[0]
-    truth = {**(labels or {}), **{r["image"]: r["label"] for r in rows if r.get("label")}}
+    real = {os.path.realpath(k): v for k, v in (labels or {}).items()}  # match files, not spellings
+    truth = {r["image"]: r.get("label") or real.get(os.path.realpath(_resolve(r["image"], csv_path.parent)))
+             for r in rows}
     order = lineage_order(classes)
     pred = [r["predicted"] for r in rows]
     n = len(rows)

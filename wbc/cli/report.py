@@ -18,14 +18,14 @@ SaliencyOpt = Annotated[bool, typer.Option(
     help="Grad-CAM overlay beside each gallery cell (one backbone pass over the gallery cells only).")]
 
 
-def predictions_html(source: Path, csv_path: Path) -> Path:
+def predictions_html(source: Path, csv_path: Path, out: Path | None = None) -> Path:
     """P.html beside P.csv, with true classes where the source CSV has a label column."""
     from wbc.engine.predict import list_images
     from wbc.predict_report import render_predictions
 
     paths, labels = list_images(source)
     known = {str(p): y for p, y in zip(paths, labels) if y}
-    return render_predictions(csv_path, labels=known, source=str(source))
+    return render_predictions(csv_path, out, labels=known, source=str(source))
 
 
 @app.command()
@@ -37,6 +37,8 @@ def report(
     gallery: GalleryOpt = 8,
     saliency: SaliencyOpt = True,
     device: Device = "auto",
+    source: Annotated[Path | None, typer.Option(
+        help="With a predictions CSV: the folder or CSV given to `wbc predict` (its label column is shown).")] = None,
 ) -> None:
     """Re-render report.html (evaluation), P.html (predictions) or run.html (training curves) from disk."""
     from wbc.predict_report import render_predictions
@@ -45,7 +47,7 @@ def report(
     if path.is_dir() and (path / "report.json").is_file():
         html = render_report(path, gallery, saliency, device, out)
     elif path.is_file() and path.suffix.lower() == ".csv":
-        html = render_predictions(path, out)
+        html = predictions_html(source, path, out) if source else render_predictions(path, out)
     elif path.is_dir() and any(path.glob("**/metrics.jsonl")):
         html = render_run(path, out)
     else:
