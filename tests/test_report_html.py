@@ -264,3 +264,14 @@ def test_wbc_report_of_a_predictions_csv_shows_the_source_labels(tmp_path):
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "x.html").read_text()
     assert text.count("label <b>PMY</b>") == 4 and "4 cells have a known class (label): 1 predicted" in text
+
+
+def test_recorded_relative_paths_are_found_above_the_cache(tmp_path, monkeypatch):
+    from wbc.report_html import locate
+
+    (tmp_path / "lab" / "cache" / "images").mkdir(parents=True)
+    (tmp_path / "lab" / "cache" / "images" / "s.h5").write_bytes(b"x")
+    cache = tmp_path / "lab" / "cache" / "features" / "c.zarr"
+    monkeypatch.chdir(tmp_path)  # extraction ran in lab/, the report is made elsewhere
+    assert locate("cache/images/s.h5", cache) == (tmp_path / "lab" / "cache" / "images" / "s.h5").resolve()
+    assert locate("cache/images/missing.h5", cache) is None and locate(None, cache) is None

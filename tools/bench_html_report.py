@@ -19,6 +19,7 @@ Writes the section "HTML report (issue 16)" of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -94,6 +95,7 @@ def main() -> None:
     from wbc.report_html import render_report, report_sources
     from wbc.store import open_store
 
+    load = os.getloadavg()[0]
     store = open_store(a.store)
     a.out.mkdir(parents=True, exist_ok=True)
     ckpt = a.checkpoint or imagenet_checkpoint(store, a.out / "lite0-imagenet" / "fold0" / "best.pt")
@@ -128,8 +130,8 @@ def main() -> None:
     body = "\n".join([
         f"## {a.section}",
         "",
-        (f"Machine: {machine()}; other jobs shared the CPU (load average above 10 on 2 cores), so seconds are "
-        "inflated, the ratios less so (one run, the steps back to back)."),
+        (f"Machine: {machine()}; other jobs shared the CPU (load average {load:.1f} at the start), so seconds "
+        "are inflated, the ratios less so (one run, the steps back to back)."),
         f"Data: PBC-LT held-out test, n = {rows[0].folds[0]['n']} cells; checkpoint `{ckpt}`; {what}; "
         "gallery 8 cells per class (72) with Grad-CAM. Command: "
         f"`python tools/bench_html_report.py --store {a.store}" + (f" --checkpoint {a.checkpoint}" if a.checkpoint else "")

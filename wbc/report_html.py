@@ -25,23 +25,38 @@ log = logging.getLogger(__name__)
 KEYS = (("mf1", "MF1"), ("bacc", "BAcc"), ("mp", "MP"), ("mspec", "MSpec"), ("ece", "ECE"))
 
 
+def locate(recorded: str | None, anchor: Path) -> Path | None:
+    """A path a cache recorded (relative to wherever extraction ran): as is, else under each folder
+    above `anchor` (the cache), where extraction usually ran. None when not found."""
+    if not recorded:
+        return None
+    p = Path(recorded)
+    if p.exists() or p.is_absolute():
+        return p.resolve() if p.exists() else None
+    for base in Path(anchor).resolve().parents:
+        if (base / p).exists():
+            return (base / p).resolve()
+    return None
+
+
 def report_sources(models, folds: list[int]) -> dict:
     """Where a Table-1 report's inputs live (absolute paths), read from the caches' provenance:
-    the image store, and per model and fold its cache, head and Stage-1 checkpoint."""
+    the image store, and per model and fold its cache, head and Stage-1 checkpoint (checked by sha256)."""
     from wbc.cache import open_cache
+    from wbc.config import file_sha256
 
     out, store = [], None
     for m in models:
         ckpts = []
         for c in m.caches:
             attrs = open_cache(c).attrs
-            store = store or attrs.get("store_path")
-            ck = attrs.get("checkpoint_path")
-            ckpts.append(str(Path(ck).resolve()) if ck and Path(ck).is_file() else None)
+            store = store or locate(attrs.get("store_path"), Path(c))
+            ck = locate(attrs.get("checkpoint_path"), Path(c))
+            ok = ck is not None and file_sha256(ck) == attrs.get("checkpoint_sha256")
+            ckpts.append(str(ck) if ok else None)
         out.append({"name": m.name, "caches": [str(Path(c).resolve()) for c in m.caches],
                     "heads": [str(Path(h).resolve()) for h in m.heads], "checkpoints": ckpts})
-    store = str(Path(store).resolve()) if store and Path(store).is_file() else store
-    return {"store": store, "models": out, "folds": folds}
+    return {"store": str(store) if store else None, "models": out, "folds": folds}
 
 
 def _load(report_dir: Path) -> tuple[dict, dict | None]:
