@@ -94,7 +94,7 @@ def _finished(fold_dir: Path) -> bool:
     import torch
 
     best = fold_dir / "best.pt"
-    return best.exists() and bool(torch.load(best, map_location="cpu", weights_only=False).get("complete"))
+    return best.exists() and bool(torch.load(best, map_location="cpu", weights_only=True).get("complete"))
 
 
 def _complete(cache: Path) -> bool:

@@ -60,16 +60,20 @@ def evaluate(
 ) -> None:
     """Table 1 on the held-out test (supervised, decoupled and ensemble rows, mean +- std over folds),
     or with --external an ensemble scored on a labelled set from elsewhere."""
-    if external is not None or ensemble is not None:
+    from wbc.fsutil import check_writable
+
+    is_external = external is not None or ensemble is not None
+    out = out or Path("reports/external" if is_external else "reports/table1")
+    check_writable(out, "report directory")  # before scoring, not after
+    if is_external:
         if model:
             raise WbcError("--model scores cached features, --external an --ensemble's images: give one or the other")
-        _external(ensemble, external, label_map, out or Path("reports/external"), batch_size, device, title, zoom)
+        _external(ensemble, external, label_map, out, batch_size, device, title, zoom)
         return
     from wbc.engine.evaluate import evaluate_table
     from wbc.report import class_counts_line, rich_table, write_report
     from wbc.report_html import render_report, report_sources
 
-    out = out or Path("reports/table1")
     title = title or "Held-out test"
     if model is None:
         model = []
@@ -121,7 +125,9 @@ def ensemble_save(
 ) -> None:
     """Write ENSEMBLE.yaml (checkpoints, heads, stain template, class names, views) for `wbc predict`."""
     from wbc.engine.predict import save_ensemble
+    from wbc.fsutil import check_writable
 
+    check_writable(out, "ensemble file")
     path = save_ensemble(member, store, views, out, caches=cache or None)
     console.print(f"ensemble written: {path}")
 
