@@ -49,9 +49,14 @@ def saliency_for(cells: list[GalleryCell], images: np.ndarray, checkpoint: Path 
     """(crops, overlays) per cell for the predicted class, or (None, None) without a checkpoint."""
     if checkpoint is None or not Path(checkpoint).is_file() or not cells:
         return None, None
+    from wbc.errors import WbcError
     from wbc.saliency import backbone_cams, overlay
 
-    crops, cams = backbone_cams(checkpoint, images, np.array([c.pred for c in cells]), head, device)
+    try:
+        crops, cams = backbone_cams(checkpoint, images, np.array([c.pred for c in cells]), head, device)
+    except WbcError as e:  # e.g. a token-sequence backbone: the report is still worth having
+        log.warning("no saliency maps: %s", e)
+        return None, None
     return crops, np.stack([overlay(im, m) for im, m in zip(crops, cams)])
 
 
