@@ -1,0 +1,102 @@
+"""The per-member steps of `wbc adapt`: AdaBN, embedding, alignment, reference, and the priors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wbc.adapt.align import fit_alignment, moments
+from wbc.adapt.reference import member_reference, review_rule, save_arrays
+from wbc.config import file_sha256
+from wbc.errors import WbcError
+
+log = logging.getLogger(__name__)
+
+
+def adabn_member(spec: dict, x: np.ndarray, views: list[str], cfg, dev, out: Path, target_id: str):
+    """(model, its checkpoint path, bn provenance) for one member; AdaBN when cfg.bn."""
+    from wbc.adapt.bn import bn_layers, reestimate, save_adapted, view_batches
+    from wbc.backbones import load_checkpoint
+
+    model, meta = load_checkpoint(spec["checkpoint"], dev)
+    if not cfg.bn:
+        return model, meta, spec["checkpoint"], {"enabled": False}
+    if not bn_layers(model):
+        note = f"{meta['timm_name']} has no BatchNorm layer: AdaBN skipped, source weights kept"
+        log.warning("%s: %s", spec["name"], note)
+        return model, meta, spec["checkpoint"], {"enabled": False, "note": note}
+    # Images per forward: each gives K views; ~64 crops per batch keeps BN's batch statistics sound.
+    per = max(2, min(cfg.batch_size, 64 // max(len(views), 1) or 2))
+    n = reestimate(model, view_batches(x, meta["data_config"], views, per, dev))
+    prov = {"target_id": target_id, "n_images": len(x), "n_crops": n, "views": list(views),
+            "batch_images": per}
+    path = save_adapted(spec["checkpoint"], model, out / f"{spec['name']}.adabn.pt", prov)
+    log.info("%s: AdaBN on %d images x %d views -> %s", spec["name"], len(x), len(views), path)
+    return model, meta, path, {"enabled": True, "layers": len(bn_layers(model)), **prov}
+
+
+def embed_all(model, meta, x: np.ndarray, views, dev, batch_size: int) -> np.ndarray:
+    """(N, S, S, 3) uint8 -> (N, K, D) float32 embeddings, rounded through float16 as cached."""
+    from wbc.engine.extract import embed_views
+
+    out = [embed_views(model, x[a: a + batch_size], meta["data_config"], views, dev)[0]
+           for a in range(0, len(x), batch_size)]
+    return np.concatenate(out).astype(np.float16).astype(np.float32)
+
+
+def member_logits(spec, model, feats: np.ndarray, dev) -> np.ndarray:
+    from wbc.backbones import logits_from_embeddings
+    from wbc.heads import load_head
+
+    if spec.get("head"):
+        return load_head(spec["head"]).logits(feats)
+    with torch.inference_mode():
+        return logits_from_embeddings(model, torch.from_numpy(feats).to(dev)).float().cpu().numpy()
+
+
+def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str):
+    """Per member: AdaBN, target embeddings, alignment, arrays file. -> (member docs, probs
+    (M, N, C), review doc)."""
+    from wbc.device import resolve_device
+    from wbc.ensemble import view_probs
+
+    dev = resolve_device(cfg.device)
+    docs, probs, refs = [], [], []
+    for spec in ens.members:
+        ref = member_reference(spec)
+        refs.append(ref)
+        model, meta, ckpt, bn_doc = adabn_member(spec, x, ens.views, cfg, dev, files, target_id)
+        feats = embed_all(model, meta, x, ens.views, dev, cfg.batch_size)
+        if not np.isfinite(feats).all():
+            raise WbcError(f"{spec['name']}: non-finite embeddings on the target images")
+        arrays = {"src_mean": ref.source.mean, "src_std": ref.source.std,
+                  "src_cov": ref.source.cov.astype(np.float32),
+                  "maha_whiten": ref.maha.whiten, "maha_centres": ref.maha.centres}
+        if cfg.align != "none":
+            align = fit_alignment(ref.source, moments(feats), cfg.align, cfg.shrink)
+            feats = align.apply(feats)
+            arrays.update(align.arrays())
+        probs.append(view_probs(member_logits(spec, model, feats, dev)))
+        path = save_arrays(files / f"{spec['name']}.npz", **arrays)
+        docs.append({"name": spec["name"], "checkpoint": Path(ckpt), "checkpoint_sha256": file_sha256(ckpt),
+                     "arrays": path, "arrays_sha256": file_sha256(path), "bn_doc": bn_doc})
+    rule, how = review_rule(refs, cfg.coverage)
+    return docs, np.stack(probs), {**rule.to_dict(), "how": how}
+
+
+def fit_priors(probs: np.ndarray, enabled: bool, class_names: list[str]) -> tuple[dict, np.ndarray]:
+    """EM target priors on the ensemble's probabilities (N, C); cRT heads assume uniform ones."""
+    from wbc.adapt.priors import em_priors, reweight
+
+    c = len(class_names)
+    if not enabled:
+        return {"enabled": False}, probs
+    src = np.full(c, 1.0 / c)
+    pi, iters = em_priors(probs, src)
+    log.info("target priors (EM, %d iterations): %s", iters,
+             ", ".join(f"{n} {p:.2f}" for n, p in zip(class_names, pi)))
+    return ({"enabled": True, "source": src.tolist(), "target": [round(float(p), 5) for p in pi],
+             "iters": iters, "class_names": list(class_names)}, reweight(probs, pi, src))
