@@ -117,7 +117,7 @@ def risk_coverage(y_true: np.ndarray, y_pred: np.ndarray, score: np.ndarray, num
     acc_at = np.cumsum(right) / k
     points = []
     for cov in coverages:
-        m = max(1, int(round(cov * n)))
+        m = max(1, round(cov * n))
         sel = order[:m]
         mf1 = classification_metrics(y[sel], p[sel], num_classes)["mf1"]
         points.append({"coverage": float(cov), "n": m, "acc": float(acc_at[m - 1]), "mf1": float(mf1)})
@@ -129,7 +129,7 @@ def risk_coverage(y_true: np.ndarray, y_pred: np.ndarray, score: np.ndarray, num
 def flagged_summary(y_true: np.ndarray, y_pred: np.ndarray, review: np.ndarray, num_classes: int) -> dict:
     """Accuracy / Macro-F1 of all cells and of the un-flagged ones, and how many were flagged."""
     y, p, r = np.asarray(y_true), np.asarray(y_pred), np.asarray(review, bool)
-    out = {"n": int(len(y)), "n_flagged": int(r.sum()),
+    out = {"n": len(y), "n_flagged": int(r.sum()),
            "coverage": float(1 - r.mean()) if len(r) else float("nan")}
     for name, sel in (("all", np.ones(len(y), bool)), ("unflagged", ~r)):
         m = classification_metrics(y[sel], p[sel], num_classes) if sel.any() else {"acc": np.nan, "mf1": np.nan}
@@ -151,20 +151,20 @@ def selective_markdown(sel: dict | None) -> list[str]:
         return []
     rc = sel["risk_coverage"]
     md = ["", "## Confidence: risk-coverage", "",
-          "Cells ranked by confidence (the ensemble's top probability); the most confident fraction "
-          "is auto-classified, the rest left to a person.", "",
+          ("Cells ranked by confidence (the ensemble's top probability); the most confident fraction "
+          "is auto-classified, the rest left to a person."), "",
           "| coverage | cells | accuracy | Macro-F1 |", "|---:|---:|---:|---:|"]
     md += [f"| {100 * p['coverage']:.0f}% | {p['n']} | {100 * p['acc']:.1f} | {100 * p['mf1']:.1f} |"
            for p in rc["points"]]
-    md += ["", f"Area under the risk-coverage curve (AURC, error averaged over coverages; lower is "
-           f"better): {rc['aurc']:.3f}."]
+    md += ["", (f"Area under the risk-coverage curve (AURC, error averaged over coverages; lower is "
+           f"better): {rc['aurc']:.3f}.")]
     r = sel.get("review")
     if r:
         rule = sel.get("rule") or {}
-        md += ["", f"Review flags (thresholds for {100 * rule.get('coverage', float('nan')):.0f}% of in-domain "
+        md += ["", (f"Review flags (thresholds for {100 * rule.get('coverage', float('nan')):.0f}% of in-domain "
                f"validation cells un-flagged: confidence < {rule.get('conf_min', float('nan')):.3f} or "
                f"ood_score > {rule.get('ood_max', float('nan')):.2f}): {r['n_flagged']} of {r['n']} cells "
                f"flagged. Un-flagged cells: accuracy {100 * r['acc_unflagged']:.1f}, Macro-F1 "
                f"{100 * r['mf1_unflagged']:.1f}; all cells: accuracy {100 * r['acc_all']:.1f}, Macro-F1 "
-               f"{100 * r['mf1_all']:.1f}."]
+               f"{100 * r['mf1_all']:.1f}.")]
     return md
