@@ -187,3 +187,29 @@ def test_cli_adapt_then_predict_and_external(env, tmp_path):
     r = run_wbc("predict", tmp_path / "t" / "img", "--ensemble", env.ensemble, "--zoom", "auto",
                 "--out", tmp_path / "q.csv", "--device", "cpu")
     assert r.returncode == 0, r.stderr + r.stdout
+
+
+def test_adaptation_with_every_step_off_changes_nothing(env, tmp_path):
+    """An ADAPTED.yaml with zoom, AdaBN, alignment and priors off predicts exactly as its ensemble."""
+    from wbc.engine.predict import predict
+
+    target = target_set(tmp_path / "t")
+    out = tmp_path / "off.yaml"
+    adapt(target, env.ensemble, out, AdaptConfig(zoom="off", bn=False, align="none", priors=False))
+    a = predict(tmp_path / "t" / "img", out, tmp_path / "a.csv", device="cpu")
+    b = predict(tmp_path / "t" / "img", env.ensemble, tmp_path / "b.csv", device="cpu")
+    np.testing.assert_array_equal(a.probs, b.probs)
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+@pytest.mark.parametrize("protos", [False, True])
+def test_predict_with_the_adapted_file_gives_what_adapt_computed(env, tmp_path, protos):
+    """The probabilities adapt reports on its target equal predict's with the ADAPTED.yaml (all steps)."""
+    from wbc.engine.predict import predict
+
+    target = target_set(tmp_path / "t")
+    out = tmp_path / "ad.yaml"
+    res = adapt(target, env.ensemble, out, AdaptConfig(zoom="0.8", align="coral", prototypes=protos))
+    assert res.doc["steps"]["prototypes"]["enabled"] == protos
+    pred = predict(target, out, tmp_path / "p.csv", device="cpu")
+    np.testing.assert_allclose(pred.probs, res.probs, atol=1e-5)

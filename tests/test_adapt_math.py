@@ -158,3 +158,21 @@ def test_mahalanobis_matches_a_direct_computation():
     q = rng.normal(size=(7, 5)) * 3
     ref = np.sqrt(np.min([np.einsum("nd,de,ne->n", q - mu, prec, q - mu) for mu in means], axis=0))
     np.testing.assert_allclose(m.score(q), ref, rtol=1e-6)
+
+
+def test_prototypes_follow_shifted_classes():
+    """Two classes whose target clusters moved: the source means misclassify, the prototypes
+    re-estimated from the (imperfect) posteriors recover them."""
+    from wbc.adapt.protos import fit_prototypes, prototype_probs
+
+    rng = np.random.default_rng(0)
+    src_means = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    tgt_means = np.array([[1.0, 0.0, 0.9], [0.2, 1.0, 0.9]])  # both moved along a new axis, class 1 also drifted
+    y = rng.integers(0, 2, 400)
+    x = tgt_means[y] + rng.normal(0, 0.1, (400, 3))
+    probs = prototype_probs(x, src_means / np.linalg.norm(src_means, axis=1, keepdims=True), tau=1.0)
+    probs = 0.6 * probs + 0.4 * rng.dirichlet([1, 1], 400)  # noisy posteriors
+    cent = fit_prototypes(x, probs, src_means)
+    assert (prototype_probs(x, cent).argmax(1) == y).mean() > 0.97
+    unit = tgt_means / np.linalg.norm(tgt_means, axis=1, keepdims=True)
+    assert np.allclose(cent, unit, atol=0.05)

@@ -102,6 +102,11 @@ class _Member:
         feats = feats.astype(np.float16).astype(np.float32)  # as cached: predict == evaluate
         if adapt.alignment is not None:
             feats = adapt.alignment.apply(feats)
+        ood = adapt.maha.score(feats) if adapt.maha is not None else None
+        if adapt.prototypes is not None:
+            from wbc.adapt.protos import TAU, prototype_probs
+
+            return prototype_probs(feats, adapt.prototypes, TAU), ood
         if self.head is not None:
             logits = self.head.logits(feats)
         elif adapt.alignment is not None:
@@ -110,7 +115,6 @@ class _Member:
             logits = z.float().cpu().numpy()
         else:
             logits = stage1
-        ood = adapt.maha.score(feats) if adapt.maha is not None else None
         return view_probs(logits), ood
 
 

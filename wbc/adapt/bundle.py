@@ -9,6 +9,7 @@ steps:                               # each with `enabled` and its figures
   bn: {enabled, note}
   align: {enabled, method, shrink}
   priors: {enabled, source, target, iters, class_names}
+  prototypes: {enabled, tau, iters}  # nearest-centroid on target prototypes (then priors are in them)
 review: {coverage, conf_min, ood_max, achieved, n_val, how}
 members:                             # per ensemble member, in order
   - {name, checkpoint, checkpoint_sha256, adabn: {...} | null, arrays, arrays_sha256}
@@ -16,7 +17,8 @@ members:                             # per ensemble member, in order
 `checkpoint` is the AdaBN checkpoint (beside this file) when bn is enabled, else the source one;
 `arrays` an npz (allow_pickle=False) with the source training moments (src_mean, src_std, src_cov),
 the alignment (align_matrix, align_shift_in, align_shift_out) and the Mahalanobis model
-(maha_whiten, maha_centres). Paths are relative to this file; a changed file is refused (sha256).
+(maha_whiten, maha_centres), the training class means and, with prototypes, proto_centres.
+Paths are relative to this file; a changed file is refused (sha256).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ FORMAT = "wbc.adapted/1"
 class MemberAdaptation:
     alignment: Alignment | None
     maha: Mahalanobis | None
+    prototypes: np.ndarray | None = None  # (C, D) unit target prototypes: nearest-centroid probs
 
 
 @dataclass
@@ -90,9 +93,12 @@ def load_adapted(path: str | Path):
         m["checkpoint"] = _checked(base, spec["checkpoint"], spec["checkpoint_sha256"], "checkpoint", path)
         a = load_arrays(_checked(base, spec["arrays"], spec["arrays_sha256"], "arrays", path))
         align = Alignment.from_arrays(steps["align"]["method"], a) if steps["align"]["enabled"] else None
-        members.append(MemberAdaptation(align, Mahalanobis(a["maha_whiten"], a["maha_centres"])))
+        protos = a.get("proto_centres") if (steps.get("prototypes") or {}).get("enabled") else None
+        members.append(MemberAdaptation(align, Mahalanobis(a["maha_whiten"], a["maha_centres"]), protos))
     pri = steps["priors"]
     priors = (np.asarray(pri["target"]), np.asarray(pri["source"])) if pri["enabled"] else None
+    if any(m.prototypes is not None for m in members):
+        priors = None  # the prototypes were fitted on prior-corrected posteriors: already included
     r = doc["review"]
     review = ReviewRule(r["conf_min"], r["ood_max"], r["coverage"], r["achieved"], r["n_val"])
     zoom = float(steps["zoom"]["zoom"]) if steps["zoom"]["enabled"] else 1.0

@@ -38,6 +38,7 @@ class AdaptConfig:
     align: str = "meanstd"  # "meanstd", "coral" or "none"
     shrink: float = 0.1  # CORAL covariance shrinkage towards the diagonal
     priors: bool = True
+    prototypes: bool = False  # nearest-centroid on target prototypes (wbc.adapt.protos); off: see BENCHMARKS
     coverage: float = 0.95  # in-domain fraction left un-flagged by `review`
     max_images: int = 2000  # target images used (a seeded sample beyond it): memory and time
     scale_images: int = 200  # images measured per side for the zoom estimate
@@ -187,6 +188,11 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
     files = out.with_name(out.stem + ".files")
     members, member_probs, review = adapt_members(ens, x, files, cfg, stats["target_id"])
     pri_doc, probs = fit_priors(member_probs.mean(axis=0), cfg.priors, ens.class_names)
+    proto_doc = {"enabled": cfg.prototypes}
+    if cfg.prototypes:
+        from wbc.adapt.steps import fit_member_prototypes
+
+        probs, proto_doc = fit_member_prototypes(members, probs)
     base = out.parent
     doc = {
         "format": "wbc.adapted/1",
@@ -199,12 +205,12 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
                   "zoom": zoom_doc,
                   "bn": {"enabled": cfg.bn, "members": [m.pop("bn_doc") for m in members]},
                   "align": {"enabled": cfg.align != "none", "method": cfg.align, "shrink": cfg.shrink},
-                  "priors": pri_doc},
+                  "priors": pri_doc, "prototypes": proto_doc},
         "review": review,
         "predicted": _counts(probs, ens.class_names),
         "config": asdict(cfg),
-        "members": [{k: _rel(v, base) if k in ("checkpoint", "arrays") else v for k, v in m.items()}
-                    for m in members],
+        "members": [{k: _rel(v, base) if k in ("checkpoint", "arrays") else v for k, v in m.items()
+                     if not k.startswith("_")} for m in members],
     }
     from wbc.adapt.bundle import write_adapted
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 class MemberReference:
     source: Moments  # of every view of every training row
     maha: Mahalanobis
+    class_means: np.ndarray  # (C, D) of the view-averaged training embeddings
     val_probs: np.ndarray  # (Nv, C) view-averaged probabilities on the validation fold
     val_ood: np.ndarray  # (Nv,)
     val_rows: np.ndarray  # (Nv,) image-store rows
@@ -52,6 +53,8 @@ def member_reference(member: dict) -> MemberReference:
     tr = cache.read("features", train_rows).astype(np.float32)
     c = len(cache.class_names)
     maha = fit_mahalanobis(tr, labels[train_rows], c)
+    avg, y = tr.mean(axis=1), labels[train_rows]
+    class_means = np.stack([avg[y == k].mean(0) if (y == k).any() else avg.mean(0) for k in range(c)])
     src = moments(tr)
     del tr
     vf = cache.read("features", val_rows).astype(np.float32)
@@ -59,7 +62,7 @@ def member_reference(member: dict) -> MemberReference:
         logits = load_head(member["head"]).logits(vf)
     else:
         logits = cache.read("stage1_logits", val_rows).astype(np.float32)
-    return MemberReference(src, maha, view_probs(logits), maha.score(vf),
+    return MemberReference(src, maha, class_means, view_probs(logits), maha.score(vf),
                            np.asarray(cache.index)[val_rows], int(val))
 
 

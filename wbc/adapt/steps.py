@@ -80,11 +80,29 @@ def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str):
             feats = align.apply(feats)
             arrays.update(align.arrays())
         probs.append(view_probs(member_logits(spec, model, feats, dev)))
+        arrays["class_means"] = ref.class_means
         path = save_arrays(files / f"{spec['name']}.npz", **arrays)
         docs.append({"name": spec["name"], "checkpoint": Path(ckpt), "checkpoint_sha256": file_sha256(ckpt),
-                     "arrays": path, "arrays_sha256": file_sha256(path), "bn_doc": bn_doc})
+                     "arrays": path, "arrays_sha256": file_sha256(path), "bn_doc": bn_doc,
+                     "_feats": feats.mean(axis=1)})
     rule, how = review_rule(refs, cfg.coverage)
     return docs, np.stack(probs), {**rule.to_dict(), "how": how}
+
+
+def fit_member_prototypes(docs: list[dict], probs: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Per member, prototypes on its (aligned) target embeddings from the ensemble's soft labels
+    `probs` (N, C); stored in the member's arrays file. -> (ensemble prototype probs, step doc)."""
+    from wbc.adapt.protos import TAU, fit_prototypes, prototype_probs
+    from wbc.adapt.reference import load_arrays
+
+    out = []
+    for d in docs:
+        a = load_arrays(d["arrays"])
+        a["proto_centres"] = fit_prototypes(d["_feats"], probs, a["class_means"])
+        save_arrays(d["arrays"], **a)
+        d["arrays_sha256"] = file_sha256(d["arrays"])
+        out.append(prototype_probs(d["_feats"], a["proto_centres"], TAU))
+    return np.mean(out, axis=0), {"enabled": True, "tau": TAU, "iters": 2}
 
 
 def fit_priors(probs: np.ndarray, enabled: bool, class_names: list[str]) -> tuple[dict, np.ndarray]:

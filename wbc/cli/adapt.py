@@ -28,6 +28,8 @@ def adapt(
                                        "coral or none.")] = "meanstd",
     no_align: Annotated[bool, typer.Option("--no-align", help="Same as --align none.")] = False,
     no_priors: Annotated[bool, typer.Option("--no-priors", help="Skip the target class priors (EM).")] = False,
+    prototypes: Annotated[bool, typer.Option(help="Classify by class prototypes re-estimated on the target's "
+                                             "embeddings (nearest centroid).")] = False,
     coverage: Annotated[float, typer.Option(help="Fraction of in-domain validation cells left un-flagged "
                                             "by `review`.")] = 0.95,
     max_images: Annotated[int, typer.Option(help="Target images used at most (a seeded sample beyond).")] = 2000,
@@ -46,7 +48,7 @@ def adapt(
     if batch_size < 1 or max_images < 1:
         raise WbcError("--batch-size and --max-images must be positive")
     cfg = AdaptConfig(zoom="off" if no_zoom else zoom, bn=not no_bn, align="none" if no_align else align,
-                      priors=not no_priors, coverage=coverage, max_images=max_images,
+                      priors=not no_priors, prototypes=prototypes, coverage=coverage, max_images=max_images,
                       batch_size=batch_size, device=device)
     res = run(target, ensemble, out, cfg)
     d, steps = res.doc, res.doc["steps"]
@@ -57,7 +59,8 @@ def adapt(
     console.print(f"zoom: {z['zoom']}" + (f" (raw {est['raw']:.3f}, 90% interval {est['low']:.3f}-{est['high']:.3f}, "
                                           f"{est['n_unmeasured']} unmeasurable; {est['reason']})" if est else ""))
     console.print(f"AdaBN: {'on' if steps['bn']['enabled'] else 'off'}; alignment: {steps['align']['method']}; "
-                  f"priors: {'on' if steps['priors']['enabled'] else 'off'}")
+                  f"priors: {'on' if steps['priors']['enabled'] else 'off'}; "
+                  f"prototypes: {'on' if steps['prototypes']['enabled'] else 'off'}")
     console.print(f"review: confidence < {d['review']['conf_min']:.3f} or ood_score > {d['review']['ood_max']:.2f} "
                   f"({100 * d['review']['achieved']:.1f}% of validation cells un-flagged)")
     console.print(f"predicted on the target: {d['predicted']}")
