@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wbc.adapt.pipeline import auto_zoom, target_paths  # noqa: E402
-from wbc.errors import WbcError  # noqa: E402
+from wbc.adapt.pipeline import auto_zoom, target_paths
+from wbc.errors import WbcError
 
 
 def main() -> None:
