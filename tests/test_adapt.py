@@ -213,3 +213,11 @@ def test_predict_with_the_adapted_file_gives_what_adapt_computed(env, tmp_path, 
     assert res.doc["steps"]["prototypes"]["enabled"] == protos
     pred = predict(target, out, tmp_path / "p.csv", device="cpu")
     np.testing.assert_allclose(pred.probs, res.probs, atol=1e-5)
+
+
+def test_robustness_refuses_an_adapted_file_in_one_line(env, tmp_path):
+    target = target_set(tmp_path / "t")
+    out = tmp_path / "ad.yaml"
+    adapt(target, env.ensemble, out, AdaptConfig(zoom="off", bn=False, priors=False))
+    r = run_wbc("robustness", env.store_path, "--ensemble", out, "--out", tmp_path / "rob")
+    assert r.returncode == 2 and "adapted to one target set" in r.stdout + r.stderr

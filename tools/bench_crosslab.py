@@ -12,7 +12,8 @@ beta 0.99, gamma 2, lam 1):
 
 Knobs (environment): CKPT, CACHE, STORE, JTSC (manifest), OUT (default cache/xlab-bench),
 MAX_IMAGES (PBC-LT subset, default 200), DEGRADED (name:severity,... default
-stain_jitter:4,gaussian_blur:3,illumination:4), SKIP_EXTRA=1 (no AdaBN-without-zoom / CORAL rows).
+stain_jitter:4,gaussian_blur:3), PBC_VIEWS (views of the PBC-LT ladders, default identity,rot90: CPU
+time), SKIP_EXTRA=1 (no CORAL / AdaBN-without-zoom rows on JTSC), SKIP_PBC=1 (JTSC only).
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ STORE = Path(os.environ.get("STORE", MAIN / "images/pbc-lt.h5"))
 JTSC = Path(os.environ.get("JTSC", "/work/shared/data/jtsc/manifest.csv"))
 OUT = Path(os.environ.get("OUT", ROOT / "cache/xlab-bench"))
 MAX_IMAGES = int(os.environ.get("MAX_IMAGES", "200"))
-DEGRADED = os.environ.get("DEGRADED", "stain_jitter:4,gaussian_blur:3,illumination:4")
+DEGRADED = os.environ.get("DEGRADED", "stain_jitter:4,gaussian_blur:3")
+PBC_VIEWS = os.environ.get("PBC_VIEWS", "identity,rot90")  # PBC-LT ladders: 4x cheaper than d4 on CPU
+# SUBSET="train,val,test" rows: extract an own cache of a stratified subset (when the full cache is
+# not there or CPU time is short); VIEWS: the ensemble's views; HEAD: crt or stage1.
+SUBSET = os.environ.get("SUBSET", "")
+VIEWS = os.environ.get("VIEWS", "d4")
+HEAD = os.environ.get("HEAD", "crt")
 LABEL_MAP = "SNE=NE,BNE=NE"
 
 
@@ -90,39 +97,44 @@ def report_row(report_dir: Path) -> dict:
 
 
 def ladder(name: str, manifest: Path, ens: Path, label_map, extra: bool) -> list[dict]:
-    """As is, zoom auto, + AdaBN, + alignment, all (priors), [AdaBN without zoom, CORAL]."""
+    """As is, zoom auto, + AdaBN, + alignment, all (priors), + prototypes [CORAL, AdaBN without zoom].
+
+    Every adapt variant writes the same ADAPTED.yaml path, so they share its AdaBN checkpoint
+    (reused when source, target images, zoom and views match: one BN pass per zoom)."""
     from wbc.adapt import AdaptConfig, adapt
 
     out = OUT / name
+    adapted = out / "adapted" / "adapted.yaml"
     rows = []
     for step, zoom in (("as is", "1"), ("+ zoom auto", "auto")):
         d = out / ("as-is" if zoom == "1" else "zoom")
         run(["evaluate", "--ensemble", ens, "--external", manifest, *label_map_args(label_map),
              "--zoom", zoom, "--out", d, "--title", f"{name}: {step}"], done=d / "report.json")
         rows.append({"step": step, **report_row(d)})
-    steps = [("+ AdaBN", AdaptConfig(align="none", priors=False)),
-             ("+ alignment (mean/std)", AdaptConfig(priors=False))]
-    if extra:
-        steps += [("AdaBN only, no zoom", AdaptConfig(zoom="off", align="none", priors=False)),
-                  ("zoom + AdaBN + CORAL", AdaptConfig(align="coral", priors=False))]
-    for step, cfg in steps:
-        res = timed(f"adapt {name}: {step}", lambda cfg=cfg, step=step: adapt(
-            manifest, ens, out / "adapted" / f"{slug(step)}.yaml", cfg))
+
+    def variant(step: str, cfg: AdaptConfig) -> None:
+        res = timed(f"adapt {name}: {step}", lambda: adapt(manifest, ens, adapted, cfg))
         s = res.doc["steps"]
         rows.append({"step": step, **score(res.probs, res.paths, manifest, class_names(ens), label_map),
                      "zoom": s["zoom"]["zoom"], "stain": s["stain"]})
+
+    variant("+ AdaBN", AdaptConfig(align="none", priors=False))
+    variant("+ alignment (mean/std)", AdaptConfig(priors=False))
     # all steps, through the commands a lab runs: wbc adapt, then evaluate --external with the file
-    adapted = out / "adapted" / "all.yaml"
-    run(["adapt", manifest, "--ensemble", ens, "--out", adapted], done=adapted)
+    run(["adapt", manifest, "--ensemble", ens, "--out", adapted])
     d = out / "all"
     run(["evaluate", "--ensemble", adapted, "--external", manifest, *label_map_args(label_map),
-         "--out", d, "--title", f"{name}: all steps"], done=d / "report.json")
+         "--out", d, "--title", f"{name}: all steps"])
     import yaml
 
     doc = yaml.safe_load(adapted.read_text())
     rows.append({"step": "all (+ target priors)", **report_row(d), "zoom": doc["steps"]["zoom"]["zoom"],
                  "stain": doc["steps"]["stain"], "priors": doc["steps"]["priors"].get("target"),
                  "zoom_estimate": doc["steps"]["zoom"]["estimate"]})
+    variant("all + prototypes", AdaptConfig(prototypes=True))
+    if extra:
+        variant("all, CORAL instead of mean/std", AdaptConfig(align="coral"))
+        variant("AdaBN only, no zoom", AdaptConfig(zoom="off", align="none", priors=False))
     return rows
 
 
@@ -184,7 +196,8 @@ def cached_test(ens: Path) -> dict:
     c = open_cache(m["cache"])
     rows = c.rows("test")
     f = c.read("features", rows).astype(np.float32)
-    probs = view_probs(load_head(m["head"]).logits(f))
+    logits = load_head(m["head"]).logits(f) if m.get("head") else c.read("stage1_logits", rows)
+    probs = view_probs(logits)
     y, p = np.asarray(c.labels)[rows], probs.argmax(1)
     conf, ood = probs.max(1), ref.maha.score(f)
     met = classification_metrics(y, p, len(c.class_names))
@@ -198,9 +211,16 @@ def pct(v) -> str:
 
 
 def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: float) -> str:
-    lines = [(f"Machine: {machine()}. Wall time {seconds / 60:.0f} min. Model: lite0 (package ImageNet weights, "
-             "6 epochs, crop 160, lr 3e-4, fold 0; `/work/main/cache/xlab`), cRT head `wbc crt --fold 0 "
-             "--beta 0.99 --gamma 2 --lam 1`, 8 views. No step reads a target label; the labels only score."), "",
+    import torch
+
+    epoch = torch.load(CKPT, map_location="cpu", weights_only=False).get("epoch")
+    head = ("cRT head `wbc crt --fold 0 --beta 0.99 --gamma 2 --lam 1`" if HEAD == "crt"
+            else "the Stage-1 classifier (no cRT)")
+    cache = (f"an own cache of a stratified subset of {SUBSET} training/validation/test rows" if SUBSET
+             else f"cache {CACHE}")
+    lines = [(f"Machine: {machine()}. Wall time {seconds / 60:.0f} min. Model: {CKPT} (lite0, package ImageNet "
+             f"weights, crop 160, lr 3e-4, fold 0; checkpoint of epoch {epoch}), {head}, reference statistics "
+             f"from {cache}; ensemble views {VIEWS}. No step reads a target label; the labels only score."), "",
              "### JTSC (300 cells, another lab; label map SNE=NE,BNE=NE)", "",
              "| step | zoom | MF1 | BAcc | acc |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {r.get('zoom') or 1} | {pct(r['mf1'])} | {pct(r['bacc'])} | {pct(r.get('acc'))} |"
@@ -209,7 +229,7 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
     lines += ["", stain_line("JTSC", last.get("stain")), zoom_line(last.get("zoom_estimate")),
               f"Target priors (EM): {last.get('priors')}", ""]
     for name, rows in pbc.items():
-        lines += [f"### PBC-LT test, {name} ({rows[0]['n']} cells, adapted on those images)", "",
+        lines += [f"### PBC-LT test, {name} ({rows[0]['n']} cells, views {PBC_VIEWS}, adapted on those images)", "",
                   "| step | zoom | MF1 | BAcc |", "|---|---:|---:|---:|"]
         lines += [f"| {r['step']} | {r.get('zoom') or 1} | {pct(r['mf1'])} | {pct(r['bacc'])} |" for r in rows]
         lines += ["", stain_line(name, rows[-1].get("stain")), ""]
@@ -252,23 +272,55 @@ def zoom_line(est: dict | None) -> str:
             f"{est['reason']} -> zoom {est['zoom']}.")
 
 
+def subset_cache() -> Path:
+    """Features of a stratified subset of training, validation (fold 0) and test rows."""
+    from wbc.engine.extract import ExtractConfig, extract
+    from wbc.engine.robustness import stratified_subset
+    from wbc.store import open_store
+
+    out = OUT / "features.zarr"
+    if (out / "zarr.json").exists():
+        return out
+    st = open_store(STORE)
+    folds, labels = np.asarray(st.folds), np.asarray(st.labels)
+    n_train, n_val, n_test = (int(v) for v in SUBSET.split(","))
+    pick = []
+    for sel, n in (((folds >= 0) & (folds != 0), n_train), (folds == 0, n_val), (folds == -1, n_test)):
+        rows = np.flatnonzero(sel)
+        pick.append(stratified_subset(rows, labels[rows], n, 0))
+    timed(f"extract {SUBSET} rows x {VIEWS}", lambda: extract(
+        CKPT, STORE, out, ExtractConfig(views=VIEWS, workers=0), rows=np.sort(np.concatenate(pick))))
+    return out
+
+
 def main() -> None:
+    global CACHE
     t0 = time.time()
     OUT.mkdir(parents=True, exist_ok=True)
-    head = OUT / "crt" / "fold0" / "head.pt"
-    run(["crt", CACHE, "--fold", "0", "--beta", "0.99", "--gamma", "2", "--lam", "1", "--out", OUT / "crt"],
-        done=head)
+    if SUBSET:
+        CACHE = subset_cache()
+    member = str(CKPT)
+    if HEAD == "crt":
+        head = OUT / "crt" / "fold0" / "head.pt"
+        run(["crt", CACHE, "--fold", "0", "--beta", "0.99", "--gamma", "2", "--lam", "1", "--out", OUT / "crt"],
+            done=head)
+        member = f"{CKPT}:{head}"
     ens = OUT / "ensemble.yaml"
-    run(["ensemble", "save", "--member", f"{CKPT}:{head}", "--cache", CACHE, "--store", STORE, "--out", ens],
-        done=ens)
+    run(["ensemble", "save", "--member", member, "--cache", CACHE, "--store", STORE, "--views", VIEWS,
+         "--out", ens], done=ens)
+    ens_pbc = OUT / "ensemble-pbc.yaml"
+    run(["ensemble", "save", "--member", member, "--cache", CACHE, "--store", STORE,
+         "--views", PBC_VIEWS, "--out", ens_pbc], done=ens_pbc)
     clean = timed("PBC-LT test from the cache (review flags)", lambda: cached_test(ens))
     extra = os.environ.get("SKIP_EXTRA") != "1"
     jtsc = ladder("jtsc", JTSC, ens, LABEL_MAP, extra)
     pbc = {}
-    for item in ["none:0", *[d for d in DEGRADED.split(",") if d]]:
+    sets = [] if os.environ.get("SKIP_PBC") == "1" else ["none:0", *[d for d in DEGRADED.split(",") if d]]
+    (OUT / "results.json").write_text(json.dumps({"jtsc": jtsc, "clean": clean}, indent=1, default=float))
+    for item in sets:
         name, sev = item.split(":")
         manifest = timed(f"write PBC-LT test subset {item}", lambda n=name, s=int(sev): write_pbc_subset(n, s))
-        pbc["clean" if sev == "0" else f"{name} {sev}"] = ladder(f"pbc-{name}-{sev}", manifest, ens, None, False)
+        pbc["clean" if sev == "0" else f"{name} {sev}"] = ladder(f"pbc-{name}-{sev}", manifest, ens_pbc, None, False)
         (OUT / "results.json").write_text(json.dumps({"jtsc": jtsc, "pbc": pbc, "clean": clean}, indent=1, default=float))
     body = render(jtsc, pbc, clean, time.time() - t0)
     write_section("crosslab", "## Cross-lab adaptation (`tools/bench_crosslab.py`)\n\n" + body)

@@ -186,7 +186,7 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
     x = _prepared(images, zoom_doc["zoom"], int(ens.provenance["settings"]["size"]))
     del images
     files = out.with_name(out.stem + ".files")
-    members, member_probs, review = adapt_members(ens, x, files, cfg, stats["target_id"])
+    members, member_probs, review = adapt_members(ens, x, files, cfg, stats["target_id"], zoom_doc["zoom"])
     pri_doc, probs = fit_priors(member_probs.mean(axis=0), cfg.priors, ens.class_names)
     proto_doc = {"enabled": cfg.prototypes}
     if cfg.prototypes:

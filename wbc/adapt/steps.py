@@ -16,7 +16,20 @@ from wbc.errors import WbcError
 log = logging.getLogger(__name__)
 
 
-def adabn_member(spec: dict, x: np.ndarray, views: list[str], cfg, dev, out: Path, target_id: str):
+def _reusable(path: Path, source: Path, prov: dict) -> dict | None:
+    """The provenance of an AdaBN checkpoint at `path` made from `source` with `prov`, else None."""
+    if not path.is_file():
+        return None
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=False).get("adabn") or {}
+    except Exception:  # noqa: BLE001 - an unreadable leftover is recomputed
+        return None
+    same = old.get("source_sha256") == file_sha256(source) and all(old.get(k) == v for k, v in prov.items())
+    return {k: v for k, v in old.items() if k not in ("source_checkpoint", "source_sha256")} if same else None
+
+
+def adabn_member(spec: dict, x: np.ndarray, views: list[str], cfg, dev, out: Path, target_id: str,
+                 zoom: float = 1.0):
     """(model, its checkpoint path, bn provenance) for one member; AdaBN when cfg.bn."""
     from wbc.adapt.bn import bn_layers, reestimate, save_adapted, view_batches
     from wbc.backbones import load_checkpoint
@@ -30,10 +43,16 @@ def adabn_member(spec: dict, x: np.ndarray, views: list[str], cfg, dev, out: Pat
         return model, meta, spec["checkpoint"], {"enabled": False, "note": note}
     # Images per forward: each gives K views; ~64 crops per batch keeps BN's batch statistics sound.
     per = max(2, min(cfg.batch_size, 64 // max(len(views), 1) or 2))
-    n = reestimate(model, view_batches(x, meta["data_config"], views, per, dev))
-    prov = {"target_id": target_id, "n_images": len(x), "n_crops": n, "views": list(views),
-            "batch_images": per}
-    path = save_adapted(spec["checkpoint"], model, out / f"{spec['name']}.adabn.pt", prov)
+    prov = {"target_id": target_id, "n_images": len(x), "views": list(views), "batch_images": per,
+            "zoom": zoom}
+    path = out / f"{spec['name']}.adabn.pt"
+    reused = _reusable(path, spec["checkpoint"], prov)
+    if reused is not None:  # the same source, target images, zoom and views: identical statistics
+        log.info("%s: AdaBN checkpoint %s reused (same source, target and zoom)", spec["name"], path)
+        model, meta = load_checkpoint(path, dev)
+        return model, meta, path, {"enabled": True, "layers": len(bn_layers(model)), **reused}
+    prov["n_crops"] = reestimate(model, view_batches(x, meta["data_config"], views, per, dev))
+    path = save_adapted(spec["checkpoint"], model, path, prov)
     log.info("%s: AdaBN on %d images x %d views -> %s", spec["name"], len(x), len(views), path)
     return model, meta, path, {"enabled": True, "layers": len(bn_layers(model)), **prov}
 
@@ -57,7 +76,7 @@ def member_logits(spec, model, feats: np.ndarray, dev) -> np.ndarray:
         return logits_from_embeddings(model, torch.from_numpy(feats).to(dev)).float().cpu().numpy()
 
 
-def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str):
+def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: float = 1.0):
     """Per member: AdaBN, target embeddings, alignment, arrays file. -> (member docs, probs
     (M, N, C), review doc)."""
     from wbc.device import resolve_device
@@ -68,7 +87,7 @@ def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str):
     for spec in ens.members:
         ref = member_reference(spec)
         refs.append(ref)
-        model, meta, ckpt, bn_doc = adabn_member(spec, x, ens.views, cfg, dev, files, target_id)
+        model, meta, ckpt, bn_doc = adabn_member(spec, x, ens.views, cfg, dev, files, target_id, zoom)
         feats = embed_all(model, meta, x, ens.views, dev, cfg.batch_size)
         if not np.isfinite(feats).all():
             raise WbcError(f"{spec['name']}: non-finite embeddings on the target images")

@@ -237,6 +237,11 @@ def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Pat
     from wbc.engine.predict import load_ensemble
     from wbc.store import open_store
 
+    from wbc.adapt.bundle import is_adapted
+
+    if is_adapted(ensemble_path):  # its BN statistics, alignment and priors belong to one target set
+        raise WbcError(f"{ensemble_path} is adapted to one target set; score its source ensemble here, or "
+                       "adapt to the degraded images themselves (`wbc adapt`; tools/bench_crosslab.py does both)")
     degs, sevs = resolve_degradations(cfg.degradations), resolve_severities(cfg.severities)
     ens = load_ensemble(Path(ensemble_path))
     store = open_store(store_path)
