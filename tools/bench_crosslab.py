@@ -259,9 +259,10 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
 def stain_line(name: str, stain: dict | None) -> str:
     if not stain:
         return ""
-    clamp = "not reported by this wbc.stain" if stain.get("n_clamped") is None else stain["n_clamped"]
-    return (f"Stain ({name}): Macenko failed on {stain['n_failed']} images; images with > 1% of pixels "
-            f"clamped: {clamp}.")
+    clamp = "not reported" if stain.get("n_clamped") is None else stain["n_clamped"]
+    return (f"Stain ({name}): Macenko failed on {stain['n_failed']} images; images with over 1% of their "
+            f"stained pixels at a negative H or E concentration (off-H&E colour): {clamp} (the store's "
+            f"clamp is {'on' if stain.get('clamp') else 'off: prepared before it existed'}).")
 
 
 def zoom_line(est: dict | None) -> str:

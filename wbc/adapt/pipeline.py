@@ -81,22 +81,16 @@ def _store_path(ensemble_path: Path) -> Path:
 
 
 def _normalise(provenance: dict, rgb: np.ndarray) -> tuple[np.ndarray, bool, float | None]:
-    """(image, stain ok, fraction of clamped pixels or None when the stain module cannot say)."""
-    from wbc.stain import StainNormalizer, normalise_like
+    """(image, stain ok, fraction of stained pixels with a negative H or E concentration, i.e.
+    off-H&E colour the clamp removes; None for a --no-stain store)."""
+    from wbc.stain import StainNormalizer, try_normalize_with_info
 
     if provenance.get("stain") != "macenko":
         return rgb, True, None
-    norm = StainNormalizer.from_provenance(provenance)
-    if hasattr(norm, "normalize_with_info"):  # the concentration clamp (issue 17)
-        from wbc.stain import StainError
-
-        try:
-            out, info = norm.normalize_with_info(rgb)
-            return out, True, float(info.get("clamped_fraction", 0.0))
-        except StainError:
-            return rgb, False, None
-    out, ok = normalise_like(provenance, rgb)
-    return out, ok, None
+    out, ok, reason, info = try_normalize_with_info(StainNormalizer.from_provenance(provenance), rgb)
+    if not ok:
+        log.warning("stain normalisation failed, image kept as is: %s", reason)
+    return out, ok, info.get("clamped_fraction_stained")
 
 
 def load_target(paths: list[Path], provenance: dict):
@@ -123,8 +117,10 @@ def load_target(paths: list[Path], provenance: dict):
             images.append(rgb)
             kept.append(Path(p))
             digests.append(hashlib.sha256(data).hexdigest())
+    # an image "had to be clamped" when over 1% of its stained pixels had a negative concentration
     stats = {"n_stain_failed": stain_failed,
              "n_stain_clamped": int(sum(f > 0.01 for f in clamped)) if clamped else None,
+             "stain_clamp_on": bool((provenance.get("stain_params") or {}).get("clamp", False)),
              "target_id": hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()}
     return images, kept, failed, stats
 
@@ -201,7 +197,7 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
                    "n_used": len(kept), "n_failed": len(failed),
                    "n_stain_failed": stats["n_stain_failed"], "n_stain_clamped": stats["n_stain_clamped"]},
         "steps": {"stain": {"template": "training store", "n_failed": stats["n_stain_failed"],
-                            "n_clamped": stats["n_stain_clamped"]},
+                            "n_clamped": stats["n_stain_clamped"], "clamp": stats["stain_clamp_on"]},
                   "zoom": zoom_doc,
                   "bn": {"enabled": cfg.bn, "members": [m.pop("bn_doc") for m in members]},
                   "align": {"enabled": cfg.align != "none", "method": cfg.align, "shrink": cfg.shrink},
