@@ -75,17 +75,21 @@ def labels_of(manifest: Path) -> dict[str, str]:
         return {str(manifest.parent / r["image"]): r["label"] for r in csv.DictReader(f)}
 
 
-def score(probs: np.ndarray, paths: list[Path], manifest: Path, class_names, label_map) -> dict:
-    """MF1 / BAcc of target probabilities over the set's labels (the bench reads labels; adapt never does)."""
+def score(res, manifest: Path, class_names, label_map) -> dict:
+    """MF1 / BAcc of an adapt result over the set's labels (the bench reads labels; adapt never
+    does), and its review flags / risk-coverage."""
     from wbc.labelmap import LabelMap
     from wbc.metrics import classification_metrics
+    from wbc.selective import selective_report
 
     lab = labels_of(manifest)
-    y = [lab[str(p)] for p in paths]
+    y = [lab[str(p)] for p in res.paths]
     lm = LabelMap.parse(label_map, list(class_names), sorted(set(lab.values())))
-    s = lm.score(probs, y)
+    s = lm.score(res.probs, y)
     m = classification_metrics(s.y_true, s.y_pred, len(s.labels))
-    return {"mf1": m["mf1"], "bacc": m["bacc"], "acc": m["acc"], "n": len(s.y_true)}
+    sel = selective_report(s.y_true, s.y_pred, res.confidence[s.kept], res.review[s.kept], len(s.labels),
+                           res.doc["review"])
+    return {"mf1": m["mf1"], "bacc": m["bacc"], "acc": m["acc"], "n": len(s.y_true), "selective": sel}
 
 
 def report_row(report_dir: Path) -> dict:
@@ -99,8 +103,9 @@ def report_row(report_dir: Path) -> dict:
 def ladder(name: str, manifest: Path, ens: Path, label_map, extra: bool) -> list[dict]:
     """As is, zoom auto, + AdaBN, + alignment, all (priors), + prototypes [CORAL, AdaBN without zoom].
 
-    Every adapt variant writes the same ADAPTED.yaml path, so they share its AdaBN checkpoint
-    (reused when source, target images, zoom and views match: one BN pass per zoom)."""
+    Every adapt variant writes the same ADAPTED.yaml path, so they share its AdaBN checkpoint and
+    target embeddings (reused when source, target images, zoom and views match): one BN pass and
+    one embedding pass per zoom; the variants after it cost no backbone pass."""
     from wbc.adapt import AdaptConfig, adapt
 
     out = OUT / name
@@ -115,26 +120,19 @@ def ladder(name: str, manifest: Path, ens: Path, label_map, extra: bool) -> list
     def variant(step: str, cfg: AdaptConfig) -> None:
         res = timed(f"adapt {name}: {step}", lambda: adapt(manifest, ens, adapted, cfg))
         s = res.doc["steps"]
-        rows.append({"step": step, **score(res.probs, res.paths, manifest, class_names(ens), label_map),
-                     "zoom": s["zoom"]["zoom"], "stain": s["stain"]})
+        rows.append({"step": step, **score(res, manifest, class_names(ens), label_map),
+                     "zoom": s["zoom"]["zoom"], "stain": s["stain"], "priors": s["priors"].get("target"),
+                     "zoom_estimate": s["zoom"]["estimate"]})
 
     variant("+ AdaBN", AdaptConfig(align="none", priors=False))
     variant("+ alignment (mean/std)", AdaptConfig(priors=False))
-    # all steps, through the commands a lab runs: wbc adapt, then evaluate --external with the file
-    run(["adapt", manifest, "--ensemble", ens, "--out", adapted])
-    d = out / "all"
-    run(["evaluate", "--ensemble", adapted, "--external", manifest, *label_map_args(label_map),
-         "--out", d, "--title", f"{name}: all steps"])
-    import yaml
-
-    doc = yaml.safe_load(adapted.read_text())
-    rows.append({"step": "all (+ target priors)", **report_row(d), "zoom": doc["steps"]["zoom"]["zoom"],
-                 "stain": doc["steps"]["stain"], "priors": doc["steps"]["priors"].get("target"),
-                 "zoom_estimate": doc["steps"]["zoom"]["estimate"]})
+    variant("all (+ target priors)", AdaptConfig())
     variant("all + prototypes", AdaptConfig(prototypes=True))
     if extra:
         variant("all, CORAL instead of mean/std", AdaptConfig(align="coral"))
         variant("AdaBN only, no zoom", AdaptConfig(zoom="off", align="none", priors=False))
+    # the default, as a lab runs it (no backbone pass: AdaBN and embeddings are reused)
+    run(["adapt", manifest, "--ensemble", ens, "--out", adapted])
     return rows
 
 
@@ -225,7 +223,7 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
              "| step | zoom | MF1 | BAcc | acc |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {r.get('zoom') or 1} | {pct(r['mf1'])} | {pct(r['bacc'])} | {pct(r.get('acc'))} |"
               for r in jtsc]
-    last = jtsc[-1]
+    last = next(r for r in jtsc if r["step"].startswith("all (+"))
     lines += ["", stain_line("JTSC", last.get("stain")), zoom_line(last.get("zoom_estimate")),
               f"Target priors (EM): {last.get('priors')}", ""]
     for name, rows in pbc.items():

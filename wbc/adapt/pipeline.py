@@ -53,6 +53,9 @@ class AdaptResult:
     doc: dict
     probs: np.ndarray  # (N_used, C) adapted ensemble probabilities on the target images
     paths: list[Path] = field(default_factory=list)
+    confidence: np.ndarray | None = None  # (N_used,), as predict writes them for these images
+    ood: np.ndarray | None = None
+    review: np.ndarray | None = None
 
 
 def target_paths(target: str | Path) -> list[Path]:
@@ -182,7 +185,7 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
     x = _prepared(images, zoom_doc["zoom"], int(ens.provenance["settings"]["size"]))
     del images
     files = out.with_name(out.stem + ".files")
-    members, member_probs, review = adapt_members(ens, x, files, cfg, stats["target_id"], zoom_doc["zoom"])
+    members, member_probs, review, ood = adapt_members(ens, x, files, cfg, stats["target_id"], zoom_doc["zoom"])
     pri_doc, probs = fit_priors(member_probs.mean(axis=0), cfg.priors, ens.class_names)
     proto_doc = {"enabled": cfg.prototypes}
     if cfg.prototypes:
@@ -215,7 +218,10 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
         with open(out.with_name(out.stem + ".failed.csv"), "w", newline="") as f:
             csv.writer(f).writerows([("image", "reason"), *failed])
         log.warning("%d target images could not be read (listed in %s.failed.csv)", len(failed), out.stem)
-    return AdaptResult(out, doc, probs, kept)
+    from wbc.selective import ReviewRule
+
+    rule = ReviewRule(review["conf_min"], review["ood_max"], review["coverage"], review["achieved"], review["n_val"])
+    return AdaptResult(out, doc, probs, kept, probs.max(axis=1), ood, rule.flags(probs.max(axis=1), ood))
 
 
 def _rel(path, base: Path) -> str:

@@ -57,13 +57,24 @@ def adabn_member(spec: dict, x: np.ndarray, views: list[str], cfg, dev, out: Pat
     return model, meta, path, {"enabled": True, "layers": len(bn_layers(model)), **prov}
 
 
-def embed_all(model, meta, x: np.ndarray, views, dev, batch_size: int) -> np.ndarray:
-    """(N, S, S, 3) uint8 -> (N, K, D) float32 embeddings, rounded through float16 as cached."""
+def embed_all(model, meta, x: np.ndarray, views, dev, batch_size: int, keep: Path | None = None,
+              key: str = "") -> np.ndarray:
+    """(N, S, S, 3) uint8 -> (N, K, D) float32 embeddings, rounded through float16 as cached.
+
+    keep: an npz where they are kept under `key` (checkpoint sha, target id, zoom, views), so a
+    rerun with other alignment / priors / prototype settings costs no backbone pass."""
     from wbc.engine.extract import embed_views
 
+    if keep is not None and keep.is_file():
+        with np.load(keep, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return z["feats"].astype(np.float32)
     out = [embed_views(model, x[a: a + batch_size], meta["data_config"], views, dev)[0]
            for a in range(0, len(x), batch_size)]
-    return np.concatenate(out).astype(np.float16).astype(np.float32)
+    feats = np.concatenate(out).astype(np.float16)
+    if keep is not None:
+        save_arrays(keep, feats=feats, key=np.array(key))
+    return feats.astype(np.float32)
 
 
 def member_logits(spec, model, feats: np.ndarray, dev) -> np.ndarray:
@@ -78,17 +89,18 @@ def member_logits(spec, model, feats: np.ndarray, dev) -> np.ndarray:
 
 def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: float = 1.0):
     """Per member: AdaBN, target embeddings, alignment, arrays file. -> (member docs, probs
-    (M, N, C), review doc)."""
+    (M, N, C), review doc, ood_score (N,) averaged over members)."""
     from wbc.device import resolve_device
     from wbc.ensemble import view_probs
 
     dev = resolve_device(cfg.device)
-    docs, probs, refs = [], [], []
+    docs, probs, refs, oods = [], [], [], []
     for spec in ens.members:
         ref = member_reference(spec)
         refs.append(ref)
         model, meta, ckpt, bn_doc = adabn_member(spec, x, ens.views, cfg, dev, files, target_id, zoom)
-        feats = embed_all(model, meta, x, ens.views, dev, cfg.batch_size)
+        key = f"{file_sha256(ckpt)}:{target_id}:{zoom}:{','.join(ens.views)}:{len(x)}"
+        feats = embed_all(model, meta, x, ens.views, dev, cfg.batch_size, files / f"{spec['name']}.target.npz", key)
         if not np.isfinite(feats).all():
             raise WbcError(f"{spec['name']}: non-finite embeddings on the target images")
         arrays = {"src_mean": ref.source.mean, "src_std": ref.source.std,
@@ -99,13 +111,14 @@ def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: fl
             feats = align.apply(feats)
             arrays.update(align.arrays())
         probs.append(view_probs(member_logits(spec, model, feats, dev)))
+        oods.append(ref.maha.score(feats))
         arrays["class_means"] = ref.class_means
         path = save_arrays(files / f"{spec['name']}.npz", **arrays)
         docs.append({"name": spec["name"], "checkpoint": Path(ckpt), "checkpoint_sha256": file_sha256(ckpt),
                      "arrays": path, "arrays_sha256": file_sha256(path), "bn_doc": bn_doc,
                      "_feats": feats.mean(axis=1)})
     rule, how = review_rule(refs, cfg.coverage)
-    return docs, np.stack(probs), {**rule.to_dict(), "how": how}
+    return docs, np.stack(probs), {**rule.to_dict(), "how": how}, np.mean(oods, axis=0)
 
 
 def fit_member_prototypes(docs: list[dict], probs: np.ndarray) -> tuple[np.ndarray, dict]:
