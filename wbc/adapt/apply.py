@@ -115,7 +115,7 @@ class _Member:
             logits = z.float().cpu().numpy()
         else:
             logits = stage1
-        return view_probs(logits), ood
+        return view_probs(logits, adapt.temperature), ood
 
 
 def score_images(ens, adaptation: Adaptation, paths: list[Path], zoom: float, batch_size: int = 32,

@@ -12,7 +12,7 @@ steps:                               # each with `enabled` and its figures
   prototypes: {enabled, tau, iters}  # nearest-centroid on target prototypes (then priors are in them)
 review: {coverage, conf_min, ood_max, achieved, n_val, how}
 members:                             # per ensemble member, in order
-  - {name, checkpoint, checkpoint_sha256, adabn: {...} | null, arrays, arrays_sha256}
+  - {name, checkpoint, checkpoint_sha256, temperature, arrays, arrays_sha256}
 ```
 `checkpoint` is the AdaBN checkpoint (beside this file) when bn is enabled, else the source one;
 `arrays` an npz (allow_pickle=False) with the source training moments (src_mean, src_std, src_cov),
@@ -43,6 +43,7 @@ class MemberAdaptation:
     alignment: Alignment | None
     maha: Mahalanobis | None
     prototypes: np.ndarray | None = None  # (C, D) unit target prototypes: nearest-centroid probs
+    temperature: float = 1.0  # of the member's view softmax (calibrated on source validation for EM)
 
 
 @dataclass
@@ -94,7 +95,8 @@ def load_adapted(path: str | Path):
         a = load_arrays(_checked(base, spec["arrays"], spec["arrays_sha256"], "arrays", path))
         align = Alignment.from_arrays(steps["align"]["method"], a) if steps["align"]["enabled"] else None
         protos = a.get("proto_centres") if (steps.get("prototypes") or {}).get("enabled") else None
-        members.append(MemberAdaptation(align, Mahalanobis(a["maha_whiten"], a["maha_centres"]), protos))
+        members.append(MemberAdaptation(align, Mahalanobis(a["maha_whiten"], a["maha_centres"]), protos,
+                                        float(spec.get("temperature", 1.0))))
     pri = steps["priors"]
     priors = (np.asarray(pri["target"]), np.asarray(pri["source"])) if pri["enabled"] else None
     if any(m.prototypes is not None for m in members):

@@ -30,6 +30,8 @@ class MemberReference:
     val_ood: np.ndarray  # (Nv,)
     val_rows: np.ndarray  # (Nv,) image-store rows
     val_fold: int
+    val_logits: np.ndarray | None = None  # (Nv, K, C): temperature calibration
+    val_labels: np.ndarray | None = None
 
 
 def member_reference(member: dict) -> MemberReference:
@@ -63,7 +65,8 @@ def member_reference(member: dict) -> MemberReference:
     else:
         logits = cache.read("stage1_logits", val_rows).astype(np.float32)
     return MemberReference(src, maha, class_means, view_probs(logits), maha.score(vf),
-                           np.asarray(cache.index)[val_rows], int(val))
+                           np.asarray(cache.index)[val_rows], int(val), np.asarray(logits, np.float32),
+                           labels[val_rows].astype(np.int64))
 
 
 def review_rule(refs: list[MemberReference], coverage: float) -> tuple[ReviewRule, str]:

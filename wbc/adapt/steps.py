@@ -91,7 +91,7 @@ def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: fl
     """Per member: AdaBN, target embeddings, alignment, arrays file. -> (member docs, probs
     (M, N, C), review doc, ood_score (N,) averaged over members)."""
     from wbc.device import resolve_device
-    from wbc.ensemble import view_probs
+    from wbc.ensemble import fit_temperature, view_probs
 
     dev = resolve_device(cfg.device)
     docs, probs, refs, oods = [], [], [], []
@@ -110,12 +110,17 @@ def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: fl
             align = fit_alignment(ref.source, moments(feats), cfg.align, cfg.shrink)
             feats = align.apply(feats)
             arrays.update(align.arrays())
-        probs.append(view_probs(member_logits(spec, model, feats, dev)))
+        # EM needs calibrated posteriors (Alexandari et al. 2020: "bias-corrected calibration" then
+        # EM); the temperature is fitted on the member's source validation fold, never on the target.
+        temp = fit_temperature(ref.val_logits, ref.val_labels) if cfg.priors else 1.0
+        ref.val_probs = view_probs(ref.val_logits, temp)  # review thresholds on the same probabilities
+        probs.append(view_probs(member_logits(spec, model, feats, dev), temp))
         oods.append(ref.maha.score(feats))
         arrays["class_means"] = ref.class_means
         path = save_arrays(files / f"{spec['name']}.npz", **arrays)
         docs.append({"name": spec["name"], "checkpoint": Path(ckpt), "checkpoint_sha256": file_sha256(ckpt),
                      "arrays": path, "arrays_sha256": file_sha256(path), "bn_doc": bn_doc,
+                     "temperature": float(temp),
                      "_feats": feats.mean(axis=1)})
     rule, how = review_rule(refs, cfg.coverage)
     return docs, np.stack(probs), {**rule.to_dict(), "how": how}, np.mean(oods, axis=0)
