@@ -114,7 +114,7 @@ def test_labels_in_the_target_csv_are_never_read(env, tmp_path):
 def test_adapted_file_round_trips_and_refuses_changed_files(env, tmp_path):
     target = target_set(tmp_path / "t")
     out = tmp_path / "ad" / "adapted.yaml"
-    res = adapt(target, env.ensemble, out, AdaptConfig(zoom="1.5", align="coral"))
+    res = adapt(target, env.ensemble, out, AdaptConfig(zoom="1.5", align="coral", priors=True))
     ens, ad = load_adapted(out)
     assert ad.zoom == 1.5 and ad.priors is not None and ad.members[0].alignment.method == "coral"
     assert ad.review.coverage == 0.95
@@ -209,7 +209,7 @@ def test_predict_with_the_adapted_file_gives_what_adapt_computed(env, tmp_path, 
 
     target = target_set(tmp_path / "t")
     out = tmp_path / "ad.yaml"
-    res = adapt(target, env.ensemble, out, AdaptConfig(zoom="0.8", align="coral", prototypes=protos))
+    res = adapt(target, env.ensemble, out, AdaptConfig(zoom="0.8", align="coral", priors=True, prototypes=protos))
     assert res.doc["steps"]["prototypes"]["enabled"] == protos
     pred = predict(target, out, tmp_path / "p.csv", device="cpu")
     np.testing.assert_allclose(pred.probs, res.probs, atol=1e-5)

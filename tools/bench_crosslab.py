@@ -126,10 +126,10 @@ def ladder(name: str, manifest: Path, ens: Path, label_map, extra: bool) -> list
 
     variant("+ AdaBN", AdaptConfig(align="none", priors=False))
     variant("+ alignment (mean/std)", AdaptConfig(priors=False))
-    variant("all (+ target priors)", AdaptConfig())
+    variant("all (+ target priors)", AdaptConfig(priors=True))
     variant("all + prototypes", AdaptConfig(prototypes=True))
     if extra:
-        variant("all, CORAL instead of mean/std", AdaptConfig(align="coral"))
+        variant("all, CORAL instead of mean/std", AdaptConfig(align="coral", priors=True))
         variant("AdaBN only, no zoom", AdaptConfig(zoom="off", align="none", priors=False))
     # the default, as a lab runs it (no backbone pass: AdaBN and embeddings are reused)
     run(["adapt", manifest, "--ensemble", ens, "--out", adapted])
@@ -223,7 +223,7 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
              "| step | zoom | MF1 | BAcc | acc |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {r.get('zoom') or 1} | {pct(r['mf1'])} | {pct(r['bacc'])} | {pct(r.get('acc'))} |"
               for r in jtsc]
-    last = next(r for r in jtsc if r["step"].startswith("all (+"))
+    last = next(r for r in jtsc if r["step"].startswith("all (+"))  # the row with the EM priors
     lines += ["", stain_line("JTSC", last.get("stain")), zoom_line(last.get("zoom_estimate")),
               f"Target priors (EM): {last.get('priors')}", ""]
     for name, rows in pbc.items():
@@ -239,15 +239,16 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
               f"{clean['rule']['ood_max']:.2f}."), "",
               ("| set | cells | flagged | un-flagged | acc all | acc un-flagged | MF1 all | MF1 un-flagged | "
               "acc at 90% coverage | AURC |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, sel in (("PBC-LT test (cache)", clean["selective"]), ("JTSC as is", jtsc[0].get("selective")),
-                      ("JTSC, all steps", last.get("selective"))):
+    for name, sel in (("PBC-LT test (cache)", clean["selective"]),
+                      *((f"JTSC, {r['step']}", r.get("selective")) for r in jtsc)):
         if not sel or "review" not in sel:
             continue
         r = sel["review"]
         at90 = next(p for p in sel["risk_coverage"]["points"] if p["coverage"] == 0.9)
+        at50 = next(p for p in sel["risk_coverage"]["points"] if p["coverage"] == 0.5)
         lines.append(f"| {name} | {r['n']} | {r['n_flagged']} | {pct(r['coverage'])}% | {pct(r['acc_all'])} | "
                      f"{pct(r['acc_unflagged'])} | {pct(r['mf1_all'])} | {pct(r['mf1_unflagged'])} | "
-                     f"{pct(at90['acc'])} | {sel['risk_coverage']['aurc']:.3f} |")
+                     f"{pct(at50['acc'])} | {pct(at90['acc'])} | {sel['risk_coverage']['aurc']:.3f} |")
     lines += ["", "### Commands (wall time)", "", "```"]
     lines += [f"{cmd}   # {t:.0f} s" for cmd, t in LOG]
     lines += ["```"]

@@ -37,7 +37,9 @@ class AdaptConfig:
     bn: bool = True
     align: str = "meanstd"  # "meanstd", "coral" or "none"
     shrink: float = 0.1  # CORAL covariance shrinkage towards the diagonal
-    priors: bool = True
+    # Off by default: EM assumes pure label shift (p(x|y) unchanged), which another lab's cells violate
+    # even after AdaBN, so source-calibrated posteriors mislead it (BENCHMARKS: it lowered JTSC MF1).
+    priors: bool = False
     prototypes: bool = False  # nearest-centroid on target prototypes (wbc.adapt.protos); off: see BENCHMARKS
     coverage: float = 0.95  # in-domain fraction left un-flagged by `review`
     max_images: int = 2000  # target images used (a seeded sample beyond it): memory and time

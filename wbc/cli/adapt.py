@@ -27,7 +27,8 @@ def adapt(
     align: Annotated[str, typer.Option(help="Feature alignment onto the training embeddings: meanstd, "
                                        "coral or none.")] = "meanstd",
     no_align: Annotated[bool, typer.Option("--no-align", help="Same as --align none.")] = False,
-    no_priors: Annotated[bool, typer.Option("--no-priors", help="Skip the target class priors (EM).")] = False,
+    priors: Annotated[bool, typer.Option(help="Re-weight by the target's class priors, estimated by EM on "
+                                         "calibrated posteriors (assumes only the class mix changed).")] = False,
     prototypes: Annotated[bool, typer.Option(help="Classify by class prototypes re-estimated on the target's "
                                              "embeddings (nearest centroid).")] = False,
     coverage: Annotated[float, typer.Option(help="Fraction of in-domain validation cells left un-flagged "
@@ -48,7 +49,7 @@ def adapt(
     if batch_size < 1 or max_images < 1:
         raise WbcError("--batch-size and --max-images must be positive")
     cfg = AdaptConfig(zoom="off" if no_zoom else zoom, bn=not no_bn, align="none" if no_align else align,
-                      priors=not no_priors, prototypes=prototypes, coverage=coverage, max_images=max_images,
+                      priors=priors, prototypes=prototypes, coverage=coverage, max_images=max_images,
                       batch_size=batch_size, device=device)
     res = run(target, ensemble, out, cfg)
     d, steps = res.doc, res.doc["steps"]
