@@ -238,7 +238,8 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
               (f"Thresholds ({clean['rule']['how']}): confidence < {clean['rule']['conf_min']:.3f} or ood_score > "
               f"{clean['rule']['ood_max']:.2f}."), "",
               ("| set | cells | flagged | un-flagged | acc all | acc un-flagged | MF1 all | MF1 un-flagged | "
-              "acc at 90% coverage | AURC |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "acc at 50% coverage | acc at 90% coverage | AURC |"),
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, sel in (("PBC-LT test (cache)", clean["selective"]),
                       *((f"JTSC, {r['step']}", r.get("selective")) for r in jtsc)):
         if not sel or "review" not in sel:
@@ -249,7 +250,10 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
         lines.append(f"| {name} | {r['n']} | {r['n_flagged']} | {pct(r['coverage'])}% | {pct(r['acc_all'])} | "
                      f"{pct(r['acc_unflagged'])} | {pct(r['mf1_all'])} | {pct(r['mf1_unflagged'])} | "
                      f"{pct(at50['acc'])} | {pct(at90['acc'])} | {sel['risk_coverage']['aurc']:.3f} |")
-    lines += ["", "### Commands (wall time)", "", "```"]
+    lines += ["", ("Defaults of `wbc adapt`: zoom auto, AdaBN, mean/std alignment (the '+ alignment' row); target "
+              "priors (`--priors`) and prototypes (`--prototypes`) are options. `review` flags a cell whose "
+              "confidence is low OR whose ood_score is high; 'acc at 50%/90% coverage' ranks by confidence alone."),
+              "", "### Commands (wall time)", "", "```"]
     lines += [f"{cmd}   # {t:.0f} s" for cmd, t in LOG]
     lines += ["```"]
     return "\n".join(lines)
