@@ -39,6 +39,13 @@ def _train_config(sampler, epochs, lr, weight_decay, batch_size, patience, seed,
                        patience=patience, seed=seed, memory_gb=memory_gb, threads=threads)
 
 
+def _claim(out: Path):
+    """The heads dir must be writable before training, and one job at a time writes it."""
+    from wbc.fsutil import check_writable, output_lock
+
+    return output_lock(check_writable(out, "heads directory"))
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -72,7 +79,8 @@ def crt(
     from wbc.metrics import mean_std
 
     cfg = _train_config(sampler, epochs, lr, weight_decay, batch_size, patience, seed, memory_gb, threads)
-    runs = run_crt(cache, out, fold, LossSpec(loss, beta, gamma, lam), cfg, tau, logit_adjust, overwrite, stream)
+    with _claim(out):
+        runs = run_crt(cache, out, fold, LossSpec(loss, beta, gamma, lam), cfg, tau, logit_adjust, overwrite, stream)
     table = Table(title=f"cRT {LossSpec(loss, beta, gamma, lam).label()} (validation, %)")
     for col in ("fold", "epoch", "tau", "MF1", "BAcc", "MP", "MSpec", "Stage-1 MF1", "Stage-1 BAcc", "s"):
         table.add_column(col, justify="right")
@@ -121,7 +129,8 @@ def ablate(
     specs = grid_specs([x.strip() for x in loss.split(",") if x.strip()], parse_floats(beta, "beta"),
                        parse_floats(gamma, "gamma"), parse_floats(lam, "lam"))
     cfg = _train_config(sampler, epochs, lr, weight_decay, batch_size, patience, seed, memory_gb, threads)
-    rows = run_ablate(cache, out, specs, fold, cfg, tau, logit_adjust, save_heads, overwrite, stream)
+    with _claim(out):
+        rows = run_ablate(cache, out, specs, fold, cfg, tau, logit_adjust, save_heads, overwrite, stream)
     folds = len(rows[0].per_fold)
     table = Table(title=f"Loss ablation: {len(rows)} configurations, mean ± std over {folds} fold(s) (%)")
     for col in ("configuration", "MF1", "BAcc", "MP", "MSpec"):
