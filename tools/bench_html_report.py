@@ -106,7 +106,7 @@ def main() -> None:
     shutil.rmtree(sample, ignore_errors=True)
     t_extract = t_sample * len(test_rows) / min(a.sample, len(test_rows))
     if a.cache:
-        from wbc.engine.stage2 import crt
+        from wbc.engine.crt import crt
 
         cache, head = a.cache, a.out / "crt" / "fold0" / "head.pt"
         if not head.is_file():

@@ -50,8 +50,10 @@ def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def view_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Softmax of each view's logits, averaged over views. (N, K, C) -> (N, C)."""
-    return softmax(np.asarray(logits, np.float64) / temperature).mean(axis=1)
+    """Softmax of each view's logits, averaged over views, in float64. (N, K, C) -> (N, C)."""
+    from wbc.heads import view_mean_softmax  # the library's one view-averaged softmax (lazy: torch)
+
+    return view_mean_softmax(np.asarray(logits, np.float64), temperature, view_dim=1)
 
 
 def member_output(member: Member, fold_values: tuple[int, ...] | None = None,

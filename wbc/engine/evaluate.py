@@ -25,10 +25,10 @@ from wbc.ensemble import (
     view_probs,
 )
 from wbc.errors import WbcError
+from wbc.folds import TEST
 from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
 
 log = logging.getLogger(__name__)
-TEST = -1
 
 
 @dataclass(frozen=True)

@@ -29,28 +29,16 @@ from wbc.engine import distributed as dist
 from wbc.engine.loops import NonFiniteLoss, StepSetup, predict, train_epoch
 from wbc.engine.train_config import TrainConfig
 from wbc.errors import WbcError
+from wbc.folds import resolve_folds
 from wbc.fsutil import check_writable, output_lock
 from wbc.log import progress
 from wbc.metrics import classification_metrics
-from wbc.splits import parse_fold_list
 from wbc.store import ImageStore, open_store
 
 log = logging.getLogger(__name__)
 
 
 EpochHook = Callable[[int, torch.nn.Module], None]
-
-
-def resolve_folds(store: ImageStore, fold: int | str | Sequence[int]) -> list[int]:
-    n = store.num_folds
-    if fold == "all":
-        return list(range(n))
-    text = fold if isinstance(fold, (int, str)) else ",".join(map(str, fold))
-    folds = list(dict.fromkeys(parse_fold_list(text, "--fold", f" (0..{n - 1}) or 'all'")))
-    bad = [f for f in folds if not 0 <= f < n]
-    if bad:
-        raise WbcError(f"fold {bad[0]} out of range: {store.path} has folds 0..{n - 1} (or use --fold all)")
-    return folds
 
 
 def train(
@@ -62,7 +50,7 @@ def train(
     check_writable(out, "run directory")
     cfg = dataclasses.replace(cfg, resize=cfg.resize or crop_resize(cfg.crop))  # record the resolved side
     store = open_store(store_path)
-    folds = resolve_folds(store, fold)
+    folds = resolve_folds(fold, range(store.num_folds), str(store.path))
     env = dist.setup(cfg.device)
     try:
         return [
