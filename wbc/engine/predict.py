@@ -228,27 +228,35 @@ def _check_batch(batch_size: int) -> None:
 
 
 def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
-            device: str = "auto", zoom: float = 1.0) -> PredictResult:
-    """Classify every image of `source`; write CSV rows image, predicted, prob_<class>...
-    zoom: rescale each image's content within its frame first (another scanner's magnification)."""
+            device: str = "auto", zoom: float | str | None = None) -> PredictResult:
+    """Classify every image of `source`; write CSV rows image, predicted, confidence, ood_score,
+    review, prob_<class>... ensemble_path: ENSEMBLE.yaml or ADAPTED.yaml (`wbc adapt`).
+    zoom: rescale each image's content within its frame first (another scanner's magnification);
+    'auto' estimates it, None takes the adapted file's (1 for a plain ensemble)."""
+    from wbc.adapt.apply import load_for_scoring, resolve_zoom, score_images
+
     _check_batch(batch_size)
     with output_lock(check_writable(out, "predictions")):  # before hours of compute, not after
-        ens = load_ensemble(ensemble_path)
+        ens, adaptation = load_for_scoring(ensemble_path)
         paths, _labels = list_images(source)
-        probs, ok, failed = member_probs(ens, paths, batch_size, device, zoom)
-        probs = probs.mean(axis=0)
-        names = [p for p, good in zip(paths, ok) if good]
-        rows = [(str(n), ens.class_names[int(q.argmax())], *map(float, q)) for n, q in zip(names, probs)]
-        return _write(out, rows, failed, ens.class_names, [probs])
+        s = score_images(ens, adaptation, paths, resolve_zoom(zoom, adaptation, ensemble_path, paths),
+                         batch_size, device)
+        ood = s.ood if s.ood is not None else [None] * len(s.paths)
+        review = s.review if s.review is not None else [None] * len(s.paths)
+        rows = [(str(n), ens.class_names[int(q.argmax())], f"{c:.4f}", "" if o is None else f"{o:.3f}",
+                 "" if r is None else bool(r), *map(float, q))
+                for n, q, c, o, r in zip(s.paths, s.probs, s.confidence, ood, review)]
+        return _write(out, rows, s.failed, ens.class_names, [s.probs],
+                      extra=("confidence", "ood_score", "review"))
 
 
-def _write(out, rows, failed, class_names, all_probs) -> PredictResult:
+def _write(out, rows, failed, class_names, all_probs, extra=()) -> PredictResult:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial.csv")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", "predicted", *[f"prob_{c}" for c in class_names]])
+        w.writerow(["image", "predicted", *extra, *[f"prob_{c}" for c in class_names]])
         w.writerows(rows)
     tmp.replace(out)  # a partial CSV is never left under the final name
     result = PredictResult(out, len(rows), failed,
