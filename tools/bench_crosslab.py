@@ -35,11 +35,11 @@ from tools.benchlib import machine, write_section
 
 WBC = [str(Path(sys.executable).with_name("wbc"))]
 LOG: list[tuple[str, float]] = []
-MAIN = Path("/work/main/cache")
+MAIN = ROOT / "cache"
 CKPT = Path(os.environ.get("CKPT", MAIN / "xlab/runs/lite0-c160/fold0/best.pt"))
 CACHE = Path(os.environ.get("CACHE", MAIN / "xlab/features/lite0-c160-fold0.zarr"))
 STORE = Path(os.environ.get("STORE", MAIN / "images/pbc-lt.h5"))
-JTSC = Path(os.environ.get("JTSC", "/work/shared/data/jtsc/manifest.csv"))
+JTSC = Path(os.environ.get("JTSC", ROOT.parent / "shared" / "data" / "jtsc" / "manifest.csv"))
 OUT = Path(os.environ.get("OUT", ROOT / "cache/xlab-bench"))
 MAX_IMAGES = int(os.environ.get("MAX_IMAGES", "200"))
 DEGRADED = os.environ.get("DEGRADED", "stain_jitter:4,gaussian_blur:3")

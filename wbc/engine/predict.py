@@ -15,14 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from wbc.config import file_sha256
-from wbc.device import resolve_device
 from wbc.errors import WbcError
 from wbc.fsutil import atomic_write, check_writable, output_lock
-from wbc.log import progress
 
 log = logging.getLogger(__name__)
 FORMAT = "wbc.ensemble/1"
@@ -161,65 +158,6 @@ class PredictResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     failed_path: Path | None = None
     probs: np.ndarray | None = None
-
-
-class _Member:
-    """A loaded member: model, data config, optional Stage-2 head."""
-
-    def __init__(self, spec: dict, device: torch.device):
-        from wbc.backbones import load_checkpoint
-        from wbc.heads import load_head
-
-        self.model, self.meta = load_checkpoint(spec["checkpoint"], device)
-        self.head = load_head(spec["head"]) if spec.get("head") else None
-
-    def logits(self, images: np.ndarray, views: list[str], device: torch.device) -> np.ndarray:
-        """images: (B, S, S, 3) uint8 -> (B, K, C) float32 logits."""
-        from wbc.engine.extract import embed_views
-
-        feats, stage1 = embed_views(self.model, images, self.meta["data_config"], views, device)
-        if self.head is None:
-            return stage1
-        # The cache stores embeddings in fp16; round the same way so predict == evaluate.
-        return self.head.logits(feats.astype(np.float16).astype(np.float32))
-
-
-def member_probs(ensemble: Ensemble, paths: list[Path], batch_size: int = 32, device: str = "auto",
-                 zoom: float = 1.0, desc: str = "predict"):
-    """Each member's view-averaged probabilities through the predict path: the store's stain
-    template, [zoom], resize, each member's crop and views. Used by `predict` and external evaluation.
-
-    Returns probs (M, N_ok, C) float64, ok (N,) bool (image readable), failed [(path, reason)].
-    """
-    from wbc.ensemble import view_probs
-    from wbc.sources import check_zoom
-    from wbc.stain import preprocess_like_store
-
-    zoom = check_zoom(zoom)
-    _check_batch(batch_size)
-    dev = resolve_device(device)
-    members = [_Member(m, dev) for m in ensemble.members]
-    out: list[list[np.ndarray]] = [[] for _ in members]
-    ok = np.zeros(len(paths), bool)
-    failed = []
-    with progress() as bar:
-        task = bar.add_task(desc, total=len(paths), info=f"{len(members)} members")
-        for start in range(0, len(paths), batch_size):
-            batch = []
-            for i in range(start, min(start + batch_size, len(paths))):
-                try:
-                    batch.append(preprocess_like_store(paths[i], ensemble.provenance, zoom))
-                    ok[i] = True
-                except WbcError as e:
-                    failed.append((str(paths[i]), str(e)))
-            if batch:
-                imgs = np.stack(batch)
-                for j, m in enumerate(members):
-                    out[j].append(view_probs(m.logits(imgs, ensemble.views, dev)))
-            bar.advance(task, min(batch_size, len(paths) - start))
-    c = len(ensemble.class_names)
-    probs = np.stack([np.concatenate(p) if p else np.zeros((0, c)) for p in out])
-    return probs, ok, failed
 
 
 def _check_batch(batch_size: int) -> None:
