@@ -197,7 +197,8 @@ def test_duplicate_found_across_an_interrupted_and_resumed_prepare(tmp_path, mon
 
     monkeypatch.setattr(wbc.sources.Source, "iter_bytes", stop_at_2)
     out = tmp_path / "s.h5"
-    cfg = PrepareConfig(size=32, stain=False, workers=0, commit_every=1)
+    # per item (the batched backend reads a chunk of 4 ahead, so it would resume at 0)
+    cfg = PrepareConfig(size=32, stain=False, workers=0, commit_every=1, stain_backend="torchstain")
     with pytest.raises(KeyboardInterrupt):
         prepare_store(root / "m.csv", out, cfg)
     monkeypatch.setattr(wbc.sources.Source, "iter_bytes", original)

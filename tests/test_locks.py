@@ -144,7 +144,7 @@ def _alive(pid: int) -> bool:
 def test_kill_9_of_prepare_leaves_no_worker_running(tmp_path):
     src = write_image_folder(tmp_path / "src", classes=("A", "B"), n_per_class=30, size=96)
     out = tmp_path / "s.h5"
-    p = popen("prepare", src, "--out", out, "--workers", "2")
+    p = popen("prepare", src, "--out", out, "--workers", "2", "--stain-backend", "torchstain")  # processes
     try:
         t0 = time.monotonic()
         while len(kids := [k for k in _children(p.pid) if _alive(k)]) < 2:

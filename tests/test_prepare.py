@@ -161,23 +161,28 @@ def test_parquet_wbcbench_source(tmp_path):
     assert (f[12:] == -2).all() and set(f[:12].tolist()) <= {-1, 0, 1}
 
 
-def test_interrupted_prepare_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["batched", "torchstain"])
+def test_interrupted_prepare_resumes(tmp_path, monkeypatch, backend):
+    import wbc.prepare_batch as prep_batch
+
     src = write_image_folder(tmp_path / "src", ("A", "B"), 5)
-    full = prepare_store(src, tmp_path / "full.h5", CFG)
-    real = prep._prepare_task
+    cfg = PrepareConfig(size=48, workers=0, commit_every=4, stain_backend=backend)
+    full = prepare_store(src, tmp_path / "full.h5", cfg)
+    # the per-item task (torchstain) or per-chunk task (batched: chunks of 4) that sees item 6 dies
+    mod, name = (prep_batch, "prepare_chunk") if backend == "batched" else (prep, "_prepare_task")
+    real = getattr(mod, name)
 
-    def dying(task):
-        if task[0] == 6:
+    def dying(*args):
+        if 6 in ([i for i, _ in args[-1]] if backend == "batched" else [args[0][0]]):
             raise KeyboardInterrupt
-        return real(task)
+        return real(*args)
 
-    monkeypatch.setattr(prep, "_prepare_task", dying)
-    cfg = PrepareConfig(size=48, workers=0, commit_every=4)
+    monkeypatch.setattr(mod, name, dying)
     with pytest.raises(KeyboardInterrupt):
         prepare_store(src, tmp_path / "s.h5", cfg)
     with pytest.raises(WbcError, match="incomplete"):
         open_store(tmp_path / "s.h5")  # a partial store is never taken for a complete one
-    monkeypatch.setattr(prep, "_prepare_task", real)
+    monkeypatch.setattr(mod, name, real)
     with pytest.raises(WbcError, match="different source or settings"):
         prepare_store(src, tmp_path / "s.h5", PrepareConfig(size=40, workers=0))
     r = prepare_store(src, tmp_path / "s.h5", cfg)

@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from wbc.fsutil import atomic_write, check_writable, output_lock
 from wbc.log import progress
 from wbc.sources import ImageDecodeError, Source, decode_image, open_source, resize_square
 from wbc.stain import (
+    BACKENDS,
     StainError,
     StainNormalizer,
     StainParams,
@@ -54,9 +55,11 @@ class PrepareConfig:
     template: str = "auto"  # "auto" (medoid of candidates' stain matrices) or a reference image path
     max_template_candidates: int = 500  # medoid of 500 is stable; estimating all costs a full pass
     seed: int = 0  # candidate subsample
-    workers: int = -1  # processes for decode+normalise; -1 = all CPUs (up to 8), 0 = in-process
+    workers: int = -1  # threads (batched) or processes (torchstain); -1 = all CPUs (up to 8), 0 = in-process
     compression: str = "lzf"  # fast to decompress in DataLoader workers
     commit_every: int = 64  # items per flush: the most an interruption can lose
+    stain_backend: str = "batched"  # wbc.stain_batch on `device` (threads) | "torchstain" (per image, processes)
+    device: str = "auto"  # where the batched backend normalises: auto (cuda, mps, cpu), cpu, cuda:1, ...
 
     def __post_init__(self) -> None:  # checked here, so CLI and Python callers fail before any work
         for name, low in (("size", 16), ("max_template_candidates", 1), ("commit_every", 1)):
@@ -64,6 +67,10 @@ class PrepareConfig:
                 raise WbcError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if self.workers < -1:
             raise WbcError(f"--workers must be -1 (all CPUs), 0 (in this process) or more, got {self.workers}")
+        if self.stain_backend not in BACKENDS:
+            raise WbcError(f"unknown --stain-backend {self.stain_backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.stain_backend == "torchstain" and self.device not in ("auto", "cpu"):
+            raise WbcError("--device applies to --stain-backend batched; torchstain runs on the CPU")
 
 
 @dataclass
@@ -176,8 +183,9 @@ def _plan_id(src: Source, cfg: PrepareConfig) -> str:
         h.update(f"{it.path}\t{it.label}\t{it.split}\t{it.group}\n".encode())
     keys = ("size", "stain", "template", "max_template_candidates", "seed")
     plan = {k: getattr(cfg, k) for k in keys}
-    if cfg.stain:  # a store is not resumed with other Macenko settings (e.g. the clamp)
+    if cfg.stain:  # a store is not resumed with other Macenko settings (the clamp, the backend)
         plan["stain_params"] = asdict(StainParams())
+        plan["stain_backend"] = cfg.stain_backend
     h.update(json.dumps(plan, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -249,6 +257,7 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
 
 def _prepare_locked(src: Source, out: Path, cfg: PrepareConfig, overwrite: bool, t0: float) -> PrepareReport:
     workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
+    _check_backend(cfg)
     label_index = {c: k for k, c in enumerate(src.class_names)}
     plan_id = _plan_id(src, cfg)
     done = None if overwrite else _complete_report(out, plan_id, len(src.items))
@@ -257,7 +266,7 @@ def _prepare_locked(src: Source, out: Path, cfg: PrepareConfig, overwrite: bool,
     # An unusable --template image is refused before any output file exists.
     given_tpl = choose_template(src, cfg, None) if cfg.stain and cfg.template != "auto" else None
     with StoreWriter(out, size=cfg.size, plan_id=plan_id, compression=cfg.compression,
-                     overwrite=overwrite) as w, _pool_ctx(workers) as pool:
+                     overwrite=overwrite) as w, _pool_ctx(workers, threads=cfg.stain_backend == "batched") as pool:
         start = w.cursor
         if w.get_meta("listed") is None:
             w.add_skipped(src.problems)
@@ -274,7 +283,7 @@ def _prepare_locked(src: Source, out: Path, cfg: PrepareConfig, overwrite: bool,
             stain_key = (tuple(map(tuple, tpl["stain_matrix"])), tuple(tpl["max_conc"]),
                          tuple(asdict(StainParams()).values()))
         job = (cfg.size, stain_key, cfg.compression)
-        _write_rows(w, src, label_index, pool, job, cfg.commit_every, start)
+        _write_rows(w, src, label_index, _row_runner(cfg, pool, job), cfg.commit_every, start)
         report, skipped = _finish(w, src, cfg, tpl, t0, start)
         report.template_seconds = t_tpl
     _write_skipped_csv(report.skipped_csv, skipped)
@@ -301,19 +310,42 @@ def _complete_report(out: Path, plan_id: str, n_items: int) -> PrepareReport | N
         content_id=s.content_id, notes=p.get("notes", {}))
 
 
-class _pool_ctx:
-    """A worker pool (or None for in-process work) that is shut down on any exit."""
+def _check_backend(cfg: PrepareConfig) -> None:
+    from wbc.device import resolve_device
 
-    def __init__(self, workers: int):
+    resolve_device(cfg.device)  # an unavailable device fails here, before any output exists
+
+
+def _row_runner(cfg: PrepareConfig, pool, job: tuple):
+    """tasks (index, bytes or problem) -> rows (index, stored chunk or None, stain_ok, sha, note)."""
+    if cfg.stain_backend == "batched":
+        from wbc.device import resolve_device
+        from wbc.prepare_batch import batch_size_for, batched_rows
+        from wbc.stain_batch import BatchMacenko
+
+        size, stain, compression = job
+        dev = resolve_device(cfg.device)
+        norm = BatchMacenko(*map(np.asarray, stain[:2]), StainParams(*stain[2]), dev) if stain else None
+        return lambda tasks: batched_rows(pool, tasks, norm, size, compression, batch_size_for(dev))
+    return lambda tasks: _imap(pool, _prepare_task, ((i, b, job) for i, b in tasks))
+
+
+class _pool_ctx:
+    """A worker pool (or None for in-process work) that is shut down on any exit: processes, or
+    threads (the batched backend: its work releases the GIL)."""
+
+    def __init__(self, workers: int, threads: bool = False):
         self.pool = None
         self.threads = None
-        if workers == 0:
+        if workers == 0 or threads:
             # In-process: one torch thread, as in a worker. With more, OpenMP threads spin on a
             # busy machine (measured: 3x the CPU per image on 2 shared cores).
             import torch
 
             self.threads = torch.get_num_threads()
             torch.set_num_threads(1)
+            if workers:
+                self.pool = ThreadPoolExecutor(workers, thread_name_prefix="wbc-prepare")
             return
         self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(START_METHOD),
                                         initializer=_init_worker, initargs=(os.getpid(),))
@@ -338,8 +370,7 @@ class _pool_ctx:
             torch.set_num_threads(self.threads)
 
 
-def _write_rows(w: StoreWriter, src: Source, label_index: dict, pool, job: tuple,
-                commit_every: int, start: int) -> None:
+def _write_rows(w: StoreWriter, src: Source, label_index: dict, run, commit_every: int, start: int) -> None:
     n = len(src.items)
     rows: list = []
     skipped: list[tuple[str, str]] = []
@@ -356,11 +387,10 @@ def _write_rows(w: StoreWriter, src: Source, label_index: dict, pool, job: tuple
         rows.clear()
         skipped.clear()
 
-    tasks = ((i, b, job) for i, b in src.iter_bytes(start))
     first = _stored_contents(w)
     with progress() as bar:
         task = bar.add_task("prepare", total=n, completed=start, info="")
-        for i, img, ok, sha, note in _imap(pool, _prepare_task, tasks):
+        for i, img, ok, sha, note in run(src.iter_bytes(start)):
             if img is not None and sha in first:  # one file listed twice (e.g. relative + absolute)
                 img, note = None, _duplicate_reason(first[sha], src.items[i])
             elif img is not None:
@@ -399,6 +429,8 @@ def _finish(w: StoreWriter, src: Source, cfg: PrepareConfig, tpl: dict | None, t
     settings = {"size": cfg.size, "stain": "macenko" if cfg.stain else "none", "resize": "bicubic",
                 "stain_matrix": tpl["stain_matrix"] if tpl else None,
                 "max_conc": tpl["max_conc"] if tpl else None, "stain_params": asdict(StainParams())}
+    if cfg.stain:  # the backends agree within one grey level, not bit for bit: a different content
+        settings["stain_backend"] = cfg.stain_backend
     provenance = {
         "stain": settings["stain"], "template": tpl, "stain_matrix": settings["stain_matrix"],
         "max_conc": settings["max_conc"], "stain_params": settings["stain_params"],

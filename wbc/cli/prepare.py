@@ -11,11 +11,15 @@ from rich.console import Console
 from rich.table import Table
 
 from wbc.cli.app import app
-from wbc.cli.options import Out, Overwrite, Seed
+from wbc.cli.options import Device, Out, Overwrite, Seed
 from wbc.log import console
 
 ProcWorkers = Annotated[int, typer.Option(
-    "--workers", help="Processes for decoding + Macenko (-1 = all CPUs up to 8, 0 = in this process).")]
+    "--workers", help="Threads (batched backend) or processes (torchstain) for decoding + Macenko "
+                      "(-1 = all CPUs up to 8, 0 = in this process).")]
+StainBackend = Annotated[str, typer.Option(
+    "--stain-backend", help="batched (wbc's torch Macenko on --device, in batches) or torchstain "
+                            "(per image; the reference, within 1 grey level).")]
 
 
 @app.command()
@@ -28,13 +32,16 @@ def prepare(
     workers: ProcWorkers = -1,
     max_template_candidates: Annotated[int, typer.Option(help="Template auto: at most this many candidates (seeded subsample).")] = 500,
     seed: Seed = 0,
+    stain_backend: StainBackend = "batched",
+    device: Device = "auto",
     overwrite: Overwrite = False,
 ) -> None:
     """Decode, Macenko-normalise, resize and store a labelled image set in an HDF5 store (resumable)."""
     from wbc.prepare import PrepareConfig, prepare_store
 
     cfg = PrepareConfig(size=size, stain=not no_stain, template=template, workers=workers,
-                        max_template_candidates=max_template_candidates, seed=seed)
+                        max_template_candidates=max_template_candidates, seed=seed,
+                        stain_backend=stain_backend, device=device)
     r = prepare_store(source, out, cfg, overwrite=overwrite)
     tpl = f"template {r.template['path']}" if r.template else "no stain normalisation"
     console.print(f"{r.out}: {r.n_written} images stored, {r.n_skipped} skipped (see {r.skipped_csv}), "
