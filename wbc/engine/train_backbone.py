@@ -25,6 +25,7 @@ from wbc.data import StoreDataset, train_transform
 from wbc.device import amp_dtype
 from wbc.engine import checkpointing as ckp
 from wbc.engine import distributed as dist
+from wbc.engine.lp_ft import check_recipe, linear_probe
 from wbc.engine.loops import NonFiniteLoss, StepSetup, predict, train_epoch
 from wbc.engine.train_config import TrainConfig
 from wbc.errors import WbcError
@@ -58,6 +59,7 @@ def train(
 ) -> list[Path]:
     """Train each requested fold in turn (`fold`: an index, a list, or "all"); returns fold dirs."""
     resolve_name(cfg.backbone)  # fail on a bad name before any work
+    check_recipe(cfg.recipe)
     cfg = dataclasses.replace(cfg, resize=cfg.resize or crop_resize(cfg.crop))  # record the resolved side
     store = open_store(store_path)
     folds = resolve_folds(store, fold)
@@ -154,6 +156,8 @@ def train_fold(
             scaler.load_state_dict(ts["scaler"])
         stop, start = dict(ts["stopper"]), int(ckpt["epoch"])
         log.info("fold %d: resuming %s after epoch %d", cfg.fold, run, start)
+    if ckpt is None and cfg.recipe == "lp-ft":  # a resume already holds the probed head
+        linear_probe(model, train_ds, StepSetup(dev, dcfg["mean"], dcfg["std"], amp, cl, 1), micro)
     net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if env.distributed else model
 
