@@ -8,6 +8,7 @@ import click
 
 # Importing the modules registers their commands on `app`.
 from wbc.cli import evaluate, extract, heads, prepare, robustness, train  # noqa: F401
+from wbc.cli import interpolate as _interpolate  # noqa: F401
 from wbc.cli.app import app
 from wbc.errors import WbcError
 from wbc.log import console, setup_logging

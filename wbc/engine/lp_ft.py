@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from wbc.backbones import embed
+from wbc.engine import checkpointing as ckp
 from wbc.engine.loops import StepSetup, _inputs
 from wbc.errors import WbcError
 
 log = logging.getLogger(__name__)
 
-RECIPES = ("paper", "lp-ft")  # paper: fine-tune from a random head; lp-ft: linear probe first
+# paper: fine-tune from a random head; lp-ft: linear probe first, then fine-tune;
+# frozen-pretrained: the linear probe alone (epoch 0), an ensemble member that keeps ImageNet intact.
+RECIPES = ("paper", "lp-ft", "frozen-pretrained")
 PROBE_STEPS = 500  # full-batch AdamW steps on cached embeddings: converged, and seconds on a CPU
 PROBE_LR = 1e-2
 PROBE_WEIGHT_DECAY = 1e-4
@@ -69,3 +73,16 @@ def linear_probe(model: torch.nn.Module, ds, setup: StepSetup, batch: int = 64,
     log.info("LP-FT: linear probe on %d frozen embeddings: loss %.4f, train accuracy %.3f",
              len(labels), out["probe_loss"], out["probe_acc"])
     return out
+
+
+def save_frozen(model: torch.nn.Module, meta: dict, val: dict, run: Path, is_main: bool = True) -> Path:
+    """Write the frozen-pretrained member as a complete Stage-1 run at epoch 0 (best.pt, last.pt,
+    metrics.jsonl), so extract, crt, evaluate and ensembles treat it like any other checkpoint."""
+    if is_main:
+        best = ckp.stage1_dict(model, **meta, epoch=0, val=val, complete=True)
+        ckp.save_atomic(best, run / "best.pt")
+        ckp.append_metrics(run / "metrics.jsonl", {"epoch": 0, **val})
+        ckp.save_atomic({**best, "train_state": None}, run / "last.pt")  # a --resume finds it complete
+    log.info("fold %d: frozen pretrained backbone + linear probe, val MF1 %.4f -> %s",
+             meta["fold"], val["val_mf1"], run / "best.pt")
+    return run

@@ -20,7 +20,7 @@ class TrainConfig:
     min_lr: float = 0.0  # cosine annealing floor (per epoch, over `epochs`)
     patience: int = 10  # early stopping: epochs without a better validation Macro-F1
     augment: str = "randaugment"  # none | randaugment | degradations | scale, or a comma list
-    recipe: str = "paper"  # paper | lp-ft (linear probe on the frozen backbone first; wbc.engine.lp_ft)
+    recipe: str = "paper"  # paper | lp-ft | frozen-pretrained (wbc.engine.lp_ft)
     randaugment_ops: int = 2  # torchvision's defaults
     randaugment_magnitude: int = 9
     crop: int = 224  # centre crop side fed to the network
