@@ -193,7 +193,7 @@ def test_interpolation_endpoints_and_midpoint(tmp_path):
 def _wbc(*args, cwd):
     exe = Path(sys.executable).parent / "wbc"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([str(exe), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([str(exe), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_cli_interpolate_frozen_and_extract(tmp_path):

@@ -25,8 +25,8 @@ from wbc.data import StoreDataset, train_transform
 from wbc.device import amp_dtype
 from wbc.engine import checkpointing as ckp
 from wbc.engine import distributed as dist
-from wbc.engine.lp_ft import check_recipe, linear_probe, save_frozen
 from wbc.engine.loops import NonFiniteLoss, StepSetup, predict, train_epoch
+from wbc.engine.lp_ft import check_recipe, linear_probe, save_frozen
 from wbc.engine.train_config import TrainConfig
 from wbc.errors import WbcError
 from wbc.log import progress
