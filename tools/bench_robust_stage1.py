@@ -215,7 +215,7 @@ def main() -> None:
     p.add_argument("--store", default=STORE)
     p.add_argument("--jtsc", default=JTSC)
     p.add_argument("--label-map", default=LABEL_MAP)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--crop", type=int, default=96)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--recipes", default="paper,scale-degr,lp-ft,scale")
