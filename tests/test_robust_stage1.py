@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from tests.fixtures import make_tiny_store
+from tests.fixtures import cli_exit_code, make_tiny_store
 from wbc.augment import RandomScale, parse_augment, scale_crop
 from wbc.backbones import load_checkpoint
 from wbc.data import train_transform
@@ -196,19 +196,20 @@ def _wbc(*args, cwd):
     return subprocess.run([str(exe), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_cli_interpolate_frozen_and_extract(tmp_path):
+def test_cli_interpolate_frozen_and_extract(tmp_path, capsys):
     store, pre, ckpt = _finetuned(tmp_path)
     r = _wbc("interpolate", ckpt, "--alpha", "0.5", "--alpha", "1", "-o", tmp_path / "wise", cwd=tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout
-    assert (tmp_path / "wise" / "alpha-0.5" / "fold0" / "best.pt").is_file()
-    # an interpolated checkpoint is a normal Stage-1 checkpoint: extract takes it unchanged
-    r = _wbc("extract", tmp_path / "wise" / "alpha-0.5" / "fold0", "--store", store, "--views", "identity",
-             "-o", tmp_path / "f.zarr", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr + r.stdout
+    wise = tmp_path / "wise" / "alpha-0.5" / "fold0"
+    assert (wise / "best.pt").is_file() and (wise / "config.yaml").is_file()
     r = _wbc("train", store, "--backbone", "test_resnet", "--pretrained", pre, "--recipe", "frozen-pretrained",
              "--crop", "32", "--batch-size", "8", "--workers", "0", "-o", tmp_path / "frozen", cwd=tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout
-    assert "0" in r.stdout and (tmp_path / "frozen" / "fold0" / "best.pt").is_file()
-    r = _wbc("interpolate", ckpt, "--alpha", "2", "-o", tmp_path / "bad", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
-    assert "between 0" in r.stderr + r.stdout
+    assert (tmp_path / "frozen" / "fold0" / "best.pt").is_file()
+    # both are normal Stage-1 checkpoints: extract takes them unchanged
+    for src, name in ((wise, "w"), (tmp_path / "frozen" / "fold0", "f")):
+        assert cli_exit_code(["extract", str(src), "--store", str(store), "--views", "identity",
+                              "-o", str(tmp_path / f"{name}.zarr")]) == 0
+    assert cli_exit_code(["interpolate", str(ckpt), "--alpha", "2", "-o", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr()
+    assert "between 0" in err.out + err.err and "Traceback" not in err.out + err.err
