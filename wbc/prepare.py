@@ -152,7 +152,10 @@ def _plan_id(src: Source, cfg: PrepareConfig) -> str:
     for it in src.items:
         h.update(f"{it.path}\t{it.label}\t{it.split}\t{it.group}\n".encode())
     keys = ("size", "stain", "template", "max_template_candidates", "seed")
-    h.update(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True).encode())
+    plan = {k: getattr(cfg, k) for k in keys}
+    if cfg.stain:  # a store is not resumed with other Macenko settings (e.g. the clamp)
+        plan["stain_params"] = asdict(StainParams())
+    h.update(json.dumps(plan, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -223,6 +226,8 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
     done = None if overwrite else _complete_report(out, plan_id, len(src.items))
     if done is not None:
         return done
+    # An unusable --template image is refused before any output file exists.
+    given_tpl = choose_template(src, cfg, None) if cfg.stain and cfg.template != "auto" else None
     with StoreWriter(out, size=cfg.size, plan_id=plan_id, compression=cfg.compression,
                      overwrite=overwrite) as w, _pool_ctx(workers) as pool:
         start = w.cursor
@@ -233,7 +238,7 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
         tpl = w.get_meta("template")
         t_tpl = time.perf_counter()
         if cfg.stain and tpl is None:
-            tpl = choose_template(src, cfg, pool)
+            tpl = given_tpl or choose_template(src, cfg, pool)
             w.set_meta("template", tpl)
         t_tpl = time.perf_counter() - t_tpl
         stain_key = None

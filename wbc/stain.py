@@ -5,6 +5,16 @@ torchstain's torch `normalize` takes a CHW uint8 tensor and returns the image as
 a wrong shape, raises, and (if the exception is swallowed) silently keeps the un-normalised
 image. Here the output is checked and converted explicitly, and every failure is reported as a
 `StainError` with a reason, so callers store the original with `stain_ok=False` and count it.
+
+Two departures from plain torchstain, both recorded in a store's `stain_params`:
+- `clamp`: torchstain's unmixing (lstsq on the image's own stain matrix) is unconstrained, so
+  pixels off the H-E plane get negative concentrations, which the template's matrix turns into
+  cyan/green pixels on other labs' images. Concentrations are clamped at zero (default on).
+- failure guards: besides "too little stain", an image whose stained pixels barely vary in optical
+  density (uniform grey/dark, near-uniform) or whose H and E vectors come out (nearly) parallel
+  has no stain matrix worth the name and is refused (`StainError`), not normalised into noise.
+A store made before these fields existed is read with them off (`LEGACY_PARAMS`), so it stays
+reproducible.
 """
 
 from __future__ import annotations
@@ -24,6 +34,14 @@ log = logging.getLogger(__name__)
 IO, ALPHA, BETA = 240, 1, 0.15
 # Fewer stained pixels than this and the percentiles/eigenvectors are noise (blank or tiny images).
 MIN_STAINED_PIXELS = 256
+# OD spread of the stained pixels, sqrt(trace(cov)). Real smears: >= 0.25 (PBC-LT 0.51..0.99, JTSC
+# 0.26..2.3 over 150 images each); a uniform image gives 0, mid-grey with sd-2 noise ~0.03.
+MIN_OD_STD = 0.05
+# Angle between the H and E vectors (real: PBC-LT 16..31 deg, JTSC 13..60 deg). Below this the
+# unmixing is ill-conditioned: concentrations blow up and the image turns to noise.
+MIN_HE_ANGLE_DEG = 2.0
+# What a store's provenance means when it lacks a field (made before the field existed).
+LEGACY_PARAMS = {"clamp": False, "min_od_std": 0.0, "min_he_angle_deg": 0.0}
 
 
 class StainError(Exception):
@@ -36,6 +54,14 @@ class StainParams:
     alpha: float = ALPHA
     beta: float = BETA
     min_stained_pixels: int = MIN_STAINED_PIXELS
+    clamp: bool = True  # concentrations >= 0 (torchstain's are unconstrained; see module doc)
+    min_od_std: float = MIN_OD_STD  # 0 = no uniform-image guard
+    min_he_angle_deg: float = MIN_HE_ANGLE_DEG  # 0 = no parallel-vector guard
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> StainParams:
+        """Params as recorded in a store; fields it lacks take their legacy (pre-field) values."""
+        return cls(**{**LEGACY_PARAMS, **(d or {})})
 
 
 def _check_rgb(image: np.ndarray) -> None:
@@ -59,19 +85,68 @@ def _max_stained_value(io: float, beta: float) -> int:
     return int(v[ok].max()) if ok.any() else -1
 
 
-def stained_pixels(image: np.ndarray, params: StainParams = StainParams()) -> int:
-    """How many pixels Macenko would use (OD >= beta in every channel). OD falls as the value
+def _stained_mask(image: np.ndarray, params: StainParams) -> np.ndarray:
+    """(H, W) bool: the pixels Macenko uses (OD >= beta in every channel). OD falls as the value
     rises, so that is max over channels <= a threshold: an integer test, ~10x cheaper than logs."""
     # three elementwise maxima: numpy's reduce over a length-3 last axis is ~20x slower
     m = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
-    return int(np.count_nonzero(m <= _max_stained_value(params.io, params.beta)))
+    return m <= _max_stained_value(params.io, params.beta)
 
 
-def _guard(image: np.ndarray, params: StainParams) -> None:
+def stained_pixels(image: np.ndarray, params: StainParams = StainParams()) -> int:
+    """How many pixels Macenko would use (OD >= beta in every channel)."""
+    return int(np.count_nonzero(_stained_mask(image, params)))
+
+
+def _od_lut(io: float) -> np.ndarray:
+    """Optical density of each uint8 value, float32 as torchstain computes it."""
+    return -np.log((np.arange(256, dtype=np.float32) + 1) / np.float32(io))
+
+
+def od_spread(image: np.ndarray, params: StainParams = StainParams()) -> float:
+    """sqrt(trace(cov)) of the stained pixels' optical density (0 if fewer than 2): how much stain
+    varies. trace(cov) is the sum of per-channel variances, each from a 256-bin histogram."""
+    mask = _stained_mask(image, params)
+    n = int(np.count_nonzero(mask))
+    if n < 2:
+        return 0.0
+    lut = _od_lut(params.io).astype(np.float64)
+    var = 0.0
+    for c in range(3):
+        h = np.bincount(image[..., c][mask], minlength=256)
+        mean = (h * lut).sum() / n
+        var += (h * (lut - mean) ** 2).sum() / (n - 1)
+    return float(np.sqrt(var))
+
+
+def he_angle_deg(he: np.ndarray) -> float:
+    """Angle (degrees) between the H and E columns of a (3, 2) stain matrix."""
+    he = np.asarray(he, dtype=np.float64)
+    cos = he[:, 0] @ he[:, 1] / max(np.linalg.norm(he[:, 0]) * np.linalg.norm(he[:, 1]), 1e-12)
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+
+def _guard(image: np.ndarray, params: StainParams) -> int:
+    """Refuse images Macenko cannot work on (before running it); returns the stained-pixel count."""
     _check_rgb(image)
     n = stained_pixels(image, params)
     if n < params.min_stained_pixels:
         raise StainError(f"too little stain ({n} stained pixels < {params.min_stained_pixels})")
+    if params.min_od_std > 0:
+        sd = od_spread(image, params)
+        if sd < params.min_od_std:
+            raise StainError(f"near-uniform image (stain OD spread {sd:.3f} < {params.min_od_std})")
+    return n
+
+
+def _check_matrix(he: np.ndarray, max_c: np.ndarray, params: StainParams) -> None:
+    """The stain matrix and max concentrations one image gave are usable (finite, not parallel)."""
+    if not (np.isfinite(he).all() and np.isfinite(max_c).all()) or (max_c <= 1e-6).any():
+        raise StainError("Macenko gave a degenerate stain matrix (NaN or zero concentration)")
+    ang = he_angle_deg(he)
+    if ang < params.min_he_angle_deg:
+        raise StainError(f"Macenko gave a degenerate stain matrix (H and E {ang:.1f} deg apart "
+                         f"< {params.min_he_angle_deg})")
 
 
 def estimate_stain(image: np.ndarray, params: StainParams = StainParams()) -> tuple[np.ndarray, np.ndarray]:
@@ -87,8 +162,7 @@ def estimate_stain(image: np.ndarray, params: StainParams = StainParams()) -> tu
     except (RuntimeError, IndexError, ValueError) as e:  # kthvalue / linalg errors
         raise StainError(f"Macenko failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}") from None
     he, max_c = n.HERef.double().numpy(), n.maxCRef.double().numpy()
-    if not (np.isfinite(he).all() and np.isfinite(max_c).all()) or (max_c <= 1e-6).any():
-        raise StainError("Macenko gave a degenerate stain matrix (NaN or zero concentration)")
+    _check_matrix(he, max_c, params)
     return he, max_c
 
 
@@ -113,8 +187,8 @@ class StainNormalizer:
         """The normaliser a store was prepared with (its `provenance` attribute)."""
         if provenance.get("stain") != "macenko":
             raise ValueError("this store was prepared without stain normalisation (--no-stain)")
-        p = provenance.get("stain_params") or {}
-        return cls(provenance["stain_matrix"], provenance["max_conc"], StainParams(**p))
+        return cls(provenance["stain_matrix"], provenance["max_conc"],
+                   StainParams.from_dict(provenance.get("stain_params")))
 
     def to_dict(self) -> dict:
         return {"stain_matrix": self.stain_matrix.tolist(), "max_conc": self.max_conc.tolist(),
@@ -122,28 +196,55 @@ class StainNormalizer:
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (H, W, 3) uint8 RGB on the template's stains. Raises StainError."""
-        _guard(image, self.params)
+        return self.normalize_with_info(image)[0]
+
+    def normalize_with_info(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
+        """`normalize`, plus what happened: info = {clamped_fraction (fraction of pixels whose H or
+        E concentration was negative before the clamp, counted whether or not `clamp` is on; the
+        near-white background is about half negative by noise), clamped_fraction_stained (the same
+        among stained pixels, OD >= beta: off-H&E colour), stained_pixels, stain_matrix (3, 2) and
+        max_conc (2,) of the image itself}."""
+        n_stained = _guard(image, self.params)
         p = self.params
         try:
-            out, _, _ = self._n.normalize(_to_chw(image), Io=p.io, alpha=p.alpha, beta=p.beta, stains=False)
+            # torchstain's own estimate (stain matrix, concentrations by lstsq on it, their 99th
+            # percentiles); its `normalize` hides the concentrations, which the clamp needs.
+            he, c, max_c = self._n._TorchMacenkoNormalizer__compute_matrices(_to_chw(image), p.io, p.alpha, p.beta)
         except (RuntimeError, IndexError, ValueError) as e:
             raise StainError(f"Macenko failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}") from None
-        # torchstain returns HWC int32 (not CHW): check rather than trust, then convert.
+        _check_matrix(he.double().numpy(), max_c.double().numpy(), p)
+        negative = (c < 0).any(dim=0).numpy()
+        info = {"clamped_fraction": float(negative.mean()),
+                "clamped_fraction_stained": float(negative[_stained_mask(image, p).reshape(-1)].mean()),
+                "stained_pixels": n_stained, "stain_matrix": he.double().numpy(),
+                "max_conc": max_c.double().numpy()}
+        if p.clamp:
+            c = c.clamp_min(0)
+        # The rest is torchstain's `normalize` op for op (so clamp=False gives its bits exactly).
+        c *= (self._n.maxCRef / max_c).unsqueeze(-1)
+        out = p.io * torch.exp(-torch.matmul(self._n.HERef, c))
+        out[out > 255] = 255
         h, w = image.shape[:2]
-        if tuple(out.shape) != (h, w, 3):
-            raise StainError(f"unexpected torchstain output shape {tuple(out.shape)} for {(h, w, 3)}")
-        out = out.numpy()
+        out = out.T.reshape(h, w, 3).int().numpy()
         if out.min() < 0:  # NaN concentrations become INT_MIN after .int()
             raise StainError("Macenko produced NaN (degenerate concentrations)")
-        return np.clip(out, 0, 255).astype(np.uint8)
+        return np.clip(out, 0, 255).astype(np.uint8), info
 
 
 def try_normalize(normalizer: StainNormalizer, image: np.ndarray) -> tuple[np.ndarray, bool, str]:
     """(image, ok, reason): the normalised image, or the original with ok=False and why."""
+    out, ok, reason, _ = try_normalize_with_info(normalizer, image)
+    return out, ok, reason
+
+
+def try_normalize_with_info(normalizer: StainNormalizer, image: np.ndarray) -> tuple[np.ndarray, bool, str, dict]:
+    """(image, ok, reason, info): as `try_normalize`, with `normalize_with_info`'s info ({} on
+    failure)."""
     try:
-        return normalizer.normalize(image), True, ""
+        out, info = normalizer.normalize_with_info(image)
+        return out, True, "", info
     except StainError as e:
-        return image, False, str(e)
+        return image, False, str(e), {}
 
 
 def stain_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = app(args=argv, standalone_mode=False)
     except WbcError as e:
-        console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)  # one line, also in logs
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
