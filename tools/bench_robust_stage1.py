@@ -31,7 +31,6 @@ from tools.benchlib import machine, write_section
 STORE = "/work/main/cache/images/pbc-lt.h5"
 JTSC = "/work/shared/data/jtsc/manifest.csv"
 LABEL_MAP = "SNE=NE,BNE=NE"
-ALPHAS = (1.0, 0.5, 0.25, 0.75)  # 1 and 0.5 first: the most informative when time runs short
 RECIPES = {  # name -> (augment, recipe)
     "paper": ("randaugment", "paper"),
     "scale-degr": ("scale,degradations", "paper"),
@@ -183,15 +182,24 @@ def score(args, work: Path, name: str, ckpt: Path) -> dict:
     return add_zoomed(args, work, out)
 
 
+def plan(recipes: list[str]) -> list[tuple[str, float | None]]:
+    """(recipe, alpha) in the order run: breadth first, so a short budget still answers the main
+    question: the fine-tuned model, its WiSE midpoint and the frozen floor (alpha None), then each
+    other recipe at alpha 1 and 0.5, then the rest of the alpha grid."""
+    first, rest = recipes[0], recipes[1:]
+    jobs = [(first, 1.0), (first, 0.5), ("frozen", None), (first, 0.25)]
+    jobs += [(r, a) for r in rest for a in (1.0, 0.5)]
+    jobs += [(first, 0.75)] + [(r, a) for r in rest for a in (0.25, 0.75)]
+    return jobs
+
+
 def run_all(args, work: Path) -> None:
-    # Most informative first, so a short budget still answers the main question: the fine-tuned
-    # model, its WiSE midpoint and the frozen floor, then the rest of the alpha grid, then recipes.
-    for i, recipe in enumerate(args.recipes):
-        best = stage1(args, work, recipe)
-        for a in ALPHAS:
-            score(args, work, f"{recipe}-a{a:g}", wise(args, work, recipe, best, a))
-            if i == 0 and a == 0.5:
-                score(args, work, "frozen", stage1(args, work, "frozen"))
+    for recipe, alpha in plan(args.recipes):
+        if recipe == "frozen":
+            score(args, work, "frozen", stage1(args, work, "frozen"))
+        else:
+            best = stage1(args, work, recipe)
+            score(args, work, f"{recipe}-a{alpha:g}", wise(args, work, recipe, best, alpha))
 
 
 def _pct(x) -> str:
