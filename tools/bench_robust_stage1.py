@@ -187,15 +187,56 @@ def plan(recipes: list[str]) -> list[tuple[str, float | None]]:
     question: the fine-tuned model, its WiSE midpoint and the frozen floor (alpha None), then each
     other recipe at alpha 1 and 0.5, then the rest of the alpha grid."""
     first, rest = recipes[0], recipes[1:]
-    jobs = [(first, 1.0), (first, 0.5), ("frozen", None), (first, 0.25)]
+    jobs = [(first, 1.0), (first, 0.5), ("frozen", None), (first, 0.25), ("ens", None)]
     jobs += [(r, a) for r in rest for a in (1.0, 0.5)]
     jobs += [(first, 0.75)] + [(r, a) for r in rest for a in (0.25, 0.75)]
     return jobs
 
 
+def score_ensemble(args, work: Path, names: list[str]) -> dict:
+    """The frozen member beside a fine-tuned one (`wbc ensemble save` with two members): val and test
+    from the caches, degraded test from the cached groups, JTSC through the images. Informative
+    only: no degraded or zoomed validation, so it is not a candidate of the choice."""
+    from wbc.engine.evaluate import ModelSpec, evaluate_table
+    from wbc.engine.external import evaluate_external
+    from wbc.engine.predict import save_ensemble
+    from wbc.engine.robustness import RobustnessConfig, robustness
+    from wbc.ensemble import Member, ensemble_probs, member_output
+    from wbc.metrics import classification_metrics
+
+    name = "+".join(names)
+    res_path = work / "results" / f"ens-{name}.json"
+    if res_path.is_file():
+        return json.loads(res_path.read_text())
+    rs = [json.loads((work / "results" / f"{n}.json").read_text()) for n in names]
+    zarrs = [work / "features" / f"{n}.zarr" for n in names]
+    outs = [member_output(Member(z, Path(r["head"])), (0,)) for z, r in zip(zarrs, rs)]
+    val = classification_metrics(outs[0].labels, ensemble_probs(outs).argmax(1), len(outs[0].class_names))
+    rows, _ = evaluate_table([ModelSpec(n, (z,), (Path(r["head"]),)) for n, z, r in zip(names, zarrs, rs)],
+                             [0], ensembles=True)
+    test = next(r for r in rows if r.kind != "supervised" and len(r.members) == len(names))
+    ens = save_ensemble([f"{r['checkpoint']}:{r['head']}" for r in rs], Path(args.store), "identity",
+                        work / "ensembles" / f"ens-{name}.yaml", caches=zarrs)
+    ext = evaluate_external(ens, args.jtsc, work / "jtsc" / f"ens-{name}", args.label_map, device="cpu")
+    rob = robustness(ens, args.store, work / "robustness" / f"ens-{name}",
+                     RobustnessConfig(degradations=DEGS, severities=(SEVERITY,), max_images=N_DEGRADED,
+                                      views="identity", device="cpu", workers=0))
+    deg = [r["mf1"] for r in rob.records if r["severity"] == SEVERITY and r["row"].startswith("Ensemble")]
+    out = {"name": f"ens-{name}", "val_mf1": float(val["mf1"]), "test_mf1": float(test.folds[0]["mf1"]),
+           "degraded_test_mf1": float(np.mean(deg)), "jtsc_mf1": float(ext.rows[-1].folds[0]["mf1"]),
+           "ensemble": str(ens)}
+    res_path.write_text(json.dumps(out, indent=1))
+    return out
+
+
 def run_all(args, work: Path) -> None:
     for recipe, alpha in plan(args.recipes):
-        if recipe == "frozen":
+        if recipe == "ens":
+            try:  # an extra, informative row: its failure must not stop the grid
+                score_ensemble(args, work, ["frozen", f"{args.recipes[0]}-a1"])
+            except Exception as e:  # noqa: BLE001
+                print(f"ensemble row failed: {type(e).__name__}: {e}", flush=True)
+        elif recipe == "frozen":
             score(args, work, "frozen", stage1(args, work, "frozen"))
         else:
             best = stage1(args, work, recipe)
@@ -212,7 +253,7 @@ def _select(r: dict, zoom: bool) -> float | None:
 
 
 def _choice(res: dict, zoom: bool, paper: dict | None) -> str:
-    cands = [(n, r, _select(r, zoom)) for n, r in res.items() if n != "frozen" and _select(r, zoom) is not None]
+    cands = [(n, r, _select(r, zoom)) for n, r in res.items() if _select(r, zoom) is not None]
     if not cands or paper is None:
         return "no row finished"
     name, b, _ = max(cands, key=lambda t: t[2])
@@ -239,7 +280,7 @@ def report(args, work: Path) -> str:
     order = {n: i for i, n in enumerate(["frozen"] + [f"{rc}-a{a:g}" for rc in RECIPES for a in (0.25, 0.5, 0.75, 1.0)])}
     names = sorted(res, key=lambda n: order.get(n, 99))
     table = "\n".join(
-        f"| {n} | {_pct(r['val_mf1'])} | {_pct(r['degraded_val_mf1'])} | {_pct(r.get('zoomed_val_mf1'))} | "
+        f"| {n} | {_pct(r['val_mf1'])} | {_pct(r.get('degraded_val_mf1'))} | {_pct(r.get('zoomed_val_mf1'))} | "
         f"{_pct(r['test_mf1'])} | {_pct(r['degraded_test_mf1'])} | {_pct(r['jtsc_mf1'])} |"
         for n, r in ((n, res[n]) for n in names))
     paper = res.get("paper-a1")
