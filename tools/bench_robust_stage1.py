@@ -321,6 +321,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--recipes", default="paper,scale-degr,lp-ft,scale")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--notes", help="markdown file appended to the section (the reading of the grid)")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = p.parse_args()
     args.recipes = [r for r in args.recipes.split(",") if r]
@@ -330,6 +331,8 @@ def main() -> None:
     if not args.report_only:
         run_all(args, args.work)
     body = report(args, args.work)
+    if args.notes:  # the reading of the numbers, kept beside them when the table is regenerated
+        body += "\n" + Path(args.notes).read_text()
     if args.no_write:
         print(body)
     else:
