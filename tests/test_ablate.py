@@ -6,24 +6,29 @@ import numpy as np
 import pytest
 
 from tests.test_heads import long_tailed, run_cli, write_cache
+from wbc.cache import open_cache
+from wbc.cache_split import StreamedRows
 from wbc.engine.ablate import AblateRow, grid_specs, write_tables
-from wbc.engine.feature_source import FeatureTable, StreamedSource, make_source, split_rows
-from wbc.engine.train_heads import TrainConfig, fit_heads
 from wbc.losses import LossSpec
+from wbc.stage2 import HeadConfig
+from wbc.stage2.trainer import fit_heads
 
-CFG = TrainConfig(epochs=12, batch_size=32, lr=1e-2, patience=3, seed=3)
+CFG = HeadConfig(epochs=12, batch_size=32, lr=1e-2, patience=3, seed=3)
 
 
 @pytest.fixture(scope="module")
-def table():
+def table(tmp_path_factory):
+    """A cache in 16-row blocks; `.data` holds the arrays it was written from."""
     d = long_tailed(counts=(120, 50, 20, 9), k=3, d=12, seed=4)
-    return FeatureTable(d["features"], d["labels"], d["fold"], d["class_names"], rows_per_block=16)
+    cache = open_cache(write_cache(tmp_path_factory.mktemp("grid") / "c.zarr", d, chunk_rows=16))
+    cache.data = d
+    return cache
 
 
 def _fit(table, specs, stream=False, cfg=CFG):
-    train, val = split_rows(table, 0)
-    source = make_source(table, train, val, memory_bytes=3 * 16 * 3 * 12 * 2, stream=stream)
-    return fit_heads(source, table.labels[train], table.labels[val], specs, cfg, 4, 12)
+    split = table.split(0)
+    source = split.source(memory_bytes=3 * 16 * 3 * 12 * 2, stream=stream)
+    return fit_heads(source, split.y_train, split.y_val, specs, cfg, 4, 12)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -42,16 +47,17 @@ def test_grid_heads_equal_heads_trained_alone(table, stream):
 
 
 def test_streamed_epoch_serves_exactly_the_draws_with_bounded_window(table):
-    train, val = split_rows(table, 0)
+    split = table.split(0)
+    train, val, features = split.train, split.val, table.data["features"]
     block_bytes = 16 * 3 * 12 * 2
-    src = StreamedSource(table, train, val, memory_bytes=2 * block_bytes + 1)
+    src = StreamedRows(split, memory_bytes=2 * block_bytes + 1)
     assert src.window_blocks == 2 and src.resident_bytes <= 2 * block_bytes + 1
     rng = np.random.default_rng(0)
     rows = rng.integers(len(train), size=3 * len(train))
     views = rng.integers(3, size=len(rows))
     seen, sizes = [], []
     for x, pos in src.batches(rows, views, 32, np.random.default_rng(1)):
-        expected = table.features[train[rows[pos]], views[pos]].astype(np.float32)
+        expected = features[train[rows[pos]], views[pos]].astype(np.float32)
         np.testing.assert_array_equal(x.numpy(), expected)
         seen.append(pos)
         sizes.append(len(pos))
@@ -59,7 +65,7 @@ def test_streamed_epoch_serves_exactly_the_draws_with_bounded_window(table):
     assert all(s == 32 for s in sizes[:-1])  # full batches except the epoch's last
     got = np.concatenate([x.numpy() for _, x in src.val_chunks()])
     order = np.concatenate([sel for sel, _ in src.val_chunks()])
-    np.testing.assert_array_equal(got[np.argsort(order)], table.features[val].astype(np.float32))
+    np.testing.assert_array_equal(got[np.argsort(order)], features[val].astype(np.float32))
 
 
 def test_grid_specs_drop_settings_a_loss_ignores():
@@ -86,7 +92,14 @@ def test_ablate_cli_tables_best_marked_and_resume(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in (out / "folds").iterdir()}
     assert run_cli(*args) == 0  # every fold is reused
     assert {p: p.stat().st_mtime_ns for p in (out / "folds").iterdir()} == stamps
-    assert run_cli(*args[:-2], "--lam", "0.5") == 2  # another grid into the same --out
+    asked = (out / "config.yaml").read_bytes()
+    assert run_cli(*args[:-2], "--lam", "0.5") == 2  # another grid into the same --out ...
+    assert (out / "config.yaml").read_bytes() == asked  # ... is refused before anything is rewritten
+    import yaml
+
+    config = yaml.safe_load(asked)
+    assert config["train"]["epochs"] == 8 and config["specs"][0] == "cb_focal_hybrid beta=0.9 gamma=0 lam=0"
+    assert {f["device"] for f in config["ran"].values()} == {"cpu"} and len(config["ran"]) == 3
     assert run_cli("ablate", cache, "--out", tmp_path / "x", "--beta", "0.9,1.2") == 2
 
 
@@ -104,17 +117,17 @@ def test_ablate_md_bolds_each_columns_best_not_the_mf1_best_row(tmp_path):
 def test_written_out_adamw_matches_torch_adamw(fused):
     import torch
 
-    from wbc.engine.train_heads import _Fused
-    from wbc.losses import StackedLoss
+    from wbc.stage2.batched_loss import StackedLoss
+    from wbc.stage2.trainer import _Fused
 
     g = torch.Generator().manual_seed(0)
     w0, b0 = torch.randn(4, 12, generator=g), torch.randn(4, generator=g)
-    cfg = TrainConfig(weight_decay=0.05)
+    cfg = HeadConfig(weight_decay=0.05)
     ours = _Fused(w0, b0, 1, cfg, fused=fused)
     w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
     opt = torch.optim.AdamW([w, b], lr=0.1, weight_decay=0.05)
     loss = StackedLoss.build([LossSpec()], np.array([50, 20, 5, 2]))
-    from wbc.losses import head_losses
+    from wbc.stage2.batched_loss import head_losses
 
     for step in range(5):
         x, y = torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)
@@ -130,12 +143,12 @@ def test_written_out_adamw_matches_torch_adamw(fused):
 
 
 def test_fold_lists_pick_those_folds_and_bad_folds_exit_cleanly(tmp_path):
-    from wbc.engine.stage2 import resolve_folds
+    from wbc.engine.crt import FoldCaches
 
     d = long_tailed(counts=(120, 50, 20, 9), k=3, d=12, seed=6)
     cache = write_cache(tmp_path / "c.zarr", d, chunk_rows=16)
-    assert resolve_folds(cache, "all") == [0, 1, 2]
-    assert resolve_folds(cache, "2,0,2") == [2, 0] and resolve_folds(cache, 1) == [1]
+    assert FoldCaches(cache, "all", 1.0).folds == [0, 1, 2]
+    assert FoldCaches(cache, "2,0,2", 1.0).folds == [2, 0] and FoldCaches(cache, 1, 1.0).folds == [1]
     out = tmp_path / "ab"
     args = ["ablate", cache, "--out", out, "--beta", "0.9", "--gamma", "0", "--lam", "0",
             "--epochs", "2", "--batch-size", "32", "--threads", "1"]

@@ -39,6 +39,6 @@ def test_training_with_degradations_is_reproducible(tmp_path):
                       workers=0, augment="degradations", seed=0)
     (a,) = train(store, tmp_path / "a", cfg, fold=0)
     (b,) = train(store, tmp_path / "b", cfg, fold=0)
-    wa = torch.load(a / "last.pt", map_location="cpu", weights_only=False)["model"]
-    wb = torch.load(b / "last.pt", map_location="cpu", weights_only=False)["model"]
+    wa = torch.load(a / "last.pt", map_location="cpu", weights_only=True)["model"]
+    wb = torch.load(b / "last.pt", map_location="cpu", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -147,3 +147,44 @@ def test_missing_or_foreign_path(tmp_path):
     (tmp_path / "empty.zarr").mkdir()
     with pytest.raises(WbcError, match="not a feature cache"):
         open_cache(tmp_path / "empty.zarr")
+
+
+def test_read_sets_and_in_memory_copy_equal_plain_indexing(tmp_path):
+    p = tmp_path / "c.zarr"
+    feats, logits = _full(p)
+    c = open_cache(p)
+    a, b = np.array([9, 0, 5, 5]), np.array([3, 8])
+    got_a, got_b = c.read_sets("features", [a, b])
+    np.testing.assert_array_equal(got_a, feats[a])
+    np.testing.assert_array_equal(got_b, feats[b])
+    np.testing.assert_array_equal(c.block("stage1_logits", 2), logits[8:10])  # the last, short block
+    m = c.in_memory("cv")
+    cv = np.flatnonzero(c.fold >= 0)
+    assert len(m) == len(cv) and m.cache_id == c.cache_id and m.provenance == c.provenance
+    np.testing.assert_array_equal(m.index, c.index[cv])
+    np.testing.assert_array_equal(m.read("features", [1, 7]), feats[cv[[1, 7]]])
+    np.testing.assert_array_equal(m.read("stage1_logits"), logits[cv])
+    assert c.provenance["checkpoint_sha256"] == CKPT and c.provenance["path"] == str(p)
+
+
+def test_split_rows_of_a_fold_and_its_refusals(tmp_path):
+    p = tmp_path / "c.zarr"
+    feats, _ = _full(p)  # folds: rows 0-1 test, then 0, 1 alternating
+    open_for_writing(p)["labels"][:] = [0, 1, 0, 0, 1, 1, 2, 2, 3, 3]  # every class in both folds
+    c = open_cache(p)
+    s = c.split(1)
+    np.testing.assert_array_equal(s.train, [2, 4, 6, 8])
+    np.testing.assert_array_equal(s.val, [3, 5, 7, 9])
+    np.testing.assert_array_equal(s.test, [0, 1])
+    np.testing.assert_array_equal(s.counts, np.bincount(c.labels[[2, 4, 6, 8]], minlength=C))
+    x, y = s.data("test")
+    np.testing.assert_array_equal(x, feats[:2])
+    np.testing.assert_array_equal(y, c.labels[:2])
+    with pytest.raises(WbcError, match="not in the cache"):
+        c.split(3)
+    open_for_writing(p)["labels"][:] = np.arange(N) % C  # classes 1 and 3 now sit only in fold 1
+    with pytest.raises(WbcError, match="no training row"):
+        open_cache(p).split(0)
+    open_for_writing(p).attrs["checkpoint_fold"] = 0
+    with pytest.raises(WbcError, match="fold-0 Stage-1 backbone"):
+        open_cache(p).split(1)

@@ -65,7 +65,7 @@ def env(tmp_path_factory):
 
 def direct_forward(ckpt: Path, image: np.ndarray, view: str):
     """The same view embedded by hand: numpy crop + view + normalise, plain fp32 forward."""
-    meta = torch.load(ckpt, weights_only=False)
+    meta = torch.load(ckpt, weights_only=True)
     model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=len(meta["class_names"]))
     model.load_state_dict(meta["model"])
     model.eval()

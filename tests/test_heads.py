@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn.linear_model import LogisticRegression
 
 from wbc.cache import create_cache, mark_complete, write_rows
@@ -91,13 +92,13 @@ def test_probs_are_view_averaged_softmax_and_round_trip(tmp_path):
     w = head.weight / np.linalg.norm(head.weight, axis=1, keepdims=True) ** 0.7
     z = feats.astype(np.float32) @ w.T + head.bias + head.logit_adjust
     expected = _softmax(z.astype(np.float64)).mean(1)  # softmax per view, then the mean over views
-    np.testing.assert_allclose(head.probs(feats), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(head.probs(feats).sum(1), 1, rtol=1e-6)
+    np.testing.assert_allclose(head.predict_proba(feats), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(head.predict_proba(feats).sum(1), 1, rtol=1e-6)
     back = load_head(head.save(tmp_path / "f" / "head.pt"))
     assert (back.tau, back.fold, back.class_names, back.cache, back.config) == (0.7, 2, head.class_names,
                                                                                  {"cache_id": "x"}, {"a": 1})
     np.testing.assert_array_equal(back.weight, head.weight)
-    np.testing.assert_allclose(back.probs(feats), head.probs(feats))
+    np.testing.assert_allclose(back.predict_proba(feats), head.predict_proba(feats))
     d = torch.load(tmp_path / "f" / "head.pt", weights_only=True)
     assert d["format"] == "wbc.stage2/1" and d["weight"].shape == (4, 6) and d["bias"].shape == (4,)
 
@@ -154,11 +155,14 @@ def test_crt_raises_balanced_accuracy_over_stage1(fold_caches, tmp_path):
     for k in range(3):
         head = load_head(out / f"fold{k}" / "head.pt")
         assert head.fold == k and head.cache["checkpoint_sha256"] == CKPT and head.config["val_fold"] == k
-        assert head.probs(data["features"][:7]).shape == (7, 5)
+        assert head.predict_proba(data["features"][:7]).shape == (7, 5)
         epochs = [json.loads(x) for x in (out / f"fold{k}" / "metrics.jsonl").read_text().splitlines()[:-1]]
         assert [e["epoch"] for e in epochs] == list(range(1, len(epochs) + 1))
         assert finals[k]["best_epoch"] == max(epochs, key=lambda e: e["mf1"])["epoch"]
-        assert (out / f"fold{k}" / "config.yaml").exists()
+        config = yaml.safe_load((out / f"fold{k}" / "config.yaml").read_text())
+        assert config["val_fold"] == k and config["loss"]["name"] == "cb_focal_hybrid"  # what was asked
+        assert config["ran"]["device"] == "cpu" and config["ran"]["threads"] == 1  # and what ran
+        assert config["ran"]["streamed"] is False and config["ran"]["dtype"] == "float32"
 
 
 def test_crt_resumes_finished_folds_and_refuses_other_settings(fold_caches, tmp_path, caplog):
@@ -185,7 +189,7 @@ def test_tau_auto_and_logit_adjustment_are_recorded(fold_caches, tmp_path):
 
 
 @pytest.mark.parametrize("extra,msg", [(["--beta", "1"], "--beta"), (["--gamma", "-1"], "--gamma"),
-                                       (["--lam", "2"], "--lam"), (["--fold", "7"], "not in the cache"),
+                                       (["--lam", "2"], "--lam"), (["--fold", "7"], "out of range"),
                                        (["--tau", "x"], "--tau"), (["--loss", "nope"], "unknown loss")])
 def test_crt_bad_options_exit_2(fold_caches, tmp_path, extra, msg, capsys):
     root, _ = fold_caches
@@ -218,8 +222,8 @@ def test_crt_refuses_a_fold_the_backbone_trained_on(tmp_path, capsys):
 
 
 def test_metrics_from_confusion_equal_wbc_metrics():
-    from wbc.engine.validate_heads import headline, headline_from_confusion
     from wbc.metrics import confusion
+    from wbc.stage2.validate import headline, headline_from_confusion
 
     rng = np.random.default_rng(0)
     y = rng.choice([0, 1, 3, 4], size=200)  # class 2 absent from the truth

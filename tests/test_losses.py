@@ -6,14 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from wbc.errors import WbcError
-from wbc.losses import (
-    LOSSES,
-    LossSpec,
-    StackedLoss,
-    effective_number_weights,
-    head_losses,
-    head_losses_and_grad,
-)
+from wbc.losses import LOSSES, LossSpec, effective_number_weights
+from wbc.stage2.batched_loss import StackedLoss, head_losses, head_losses_and_grad
 
 COUNTS = np.array([500, 120, 30, 7, 2])
 C = len(COUNTS)

@@ -33,7 +33,7 @@ def _rows(run):
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_short_run_lowers_loss_and_writes_outputs(store, tmp_path):
@@ -51,7 +51,7 @@ def test_short_run_lowers_loss_and_writes_outputs(store, tmp_path):
     assert meta["class_names"] == ["A", "B", "C"] and meta["fold"] == 1 and meta["complete"]
     assert meta["data_config"]["input_size"] == [3, 32, 32] and meta["store_content_id"]
     assert meta["epoch"] == max(rows, key=lambda r: r["val_mf1"])["epoch"]
-    assert torch.load(run / "last.pt", weights_only=False)["train_state"]["stopper"]["best_epoch"] == meta["epoch"]
+    assert torch.load(run / "last.pt", weights_only=True)["train_state"]["stopper"]["best_epoch"] == meta["epoch"]
     with pytest.raises(WbcError, match="--resume"):  # never clobbered silently
         train(store, tmp_path / "r", FAST, fold=1)
 
@@ -135,7 +135,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path):
 
     with pytest.raises(WbcError, match="epoch 2, step 1.*keeps epoch 1"):
         train(store, tmp_path / "r", FAST, fold=0, on_epoch_end=poison)
-    last = torch.load(tmp_path / "r" / "fold0" / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "r" / "fold0" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values()
                                       if v.is_floating_point())
 
@@ -171,7 +171,7 @@ def test_disk_full_keeps_previous_checkpoint(store, tmp_path, monkeypatch):
     with pytest.raises(WbcError, match="No space left.*intact"):
         train(store, tmp_path / "r", FAST, fold=0)
     run = tmp_path / "r" / "fold0"
-    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     assert not list(run.glob("*.tmp"))
     monkeypatch.setattr(torch, "save", real)
     (run,) = train(store, tmp_path / "r", FAST, fold=0, resume=True)  # and it resumes
@@ -220,7 +220,7 @@ def test_ddp_two_gloo_processes_match_single_process(store, tmp_path):
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert [r["epoch"] for r in _rows(ddp)] == [1, 2]  # rank 1 wrote nothing
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in one.iterdir())
-    assert torch.load(ddp / "last.pt", weights_only=False)["config"]["batch_size"] == 8
+    assert torch.load(ddp / "last.pt", weights_only=True)["config"]["batch_size"] == 8
 
 
 def test_throughput_probe_runs_both_precisions():

@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 from tools.benchlib import machine, write_section
+from wbc.cache import open_cache
 from wbc.engine.ablate import grid_specs
-from wbc.engine.stage2 import open_table, prepare_fold
-from wbc.engine.train_heads import TrainConfig, fit_heads
 from wbc.losses import LossSpec
+from wbc.stage2 import HeadConfig
+from wbc.stage2.trainer import fit_heads
 
 
 def gemm_rate(n: int = 2048, reps: int = 5) -> float:
@@ -107,11 +108,10 @@ CPU: dict[str, float] = {}  # CPU seconds of each timed phase (robust to other p
 
 
 def timed_fit(data, specs, cfg, c, d, name: str) -> tuple[float, list]:
-    """Wall seconds of fit_heads (CPU seconds go to CPU[name], summed over calls)."""
-    t = data.table
-    y_tr, y_val = t.labels[data.train].astype(np.int64), t.labels[data.val].astype(np.int64)
+    """Wall seconds of fit_heads on loaded rows (CPU seconds go to CPU[name], summed over calls)."""
+    split, source = data
     t0, c0 = time.perf_counter(), time.process_time()
-    fits = fit_heads(data.source, y_tr, y_val, specs, cfg, c, d)
+    fits = fit_heads(source, split.y_train, split.y_val, specs, cfg, c, d)
     CPU[name] = CPU.get(name, 0.0) + time.process_time() - c0
     wall = time.perf_counter() - t0
     print(f"{name}: {len(specs)} head(s) {wall:.1f} s wall", file=sys.stderr, flush=True)
@@ -124,7 +124,8 @@ def peak_rss_streaming(cache: Path, epochs: int, memory_gb: float, threads: int)
 import json, os, resource, sys, time
 os.environ['WBC_NO_PROGRESS'] = '1'
 import torch, zarr, numpy
-from wbc.engine import stage2, train_heads, feature_source
+from wbc.engine import crt
+from wbc.stage2 import HeadConfig
 import wbc.cache
 def rss(key):
     for line in open('/proc/self/status'):
@@ -132,8 +133,8 @@ def rss(key):
             return int(line.split()[1]) * 1024
 base = rss('VmRSS:')
 t = time.perf_counter()
-cfg = train_heads.TrainConfig(epochs={epochs}, patience={epochs}, memory_gb={memory_gb}, threads={threads})
-runs = stage2.crt({str(cache)!r}, {str(cache.parent / 'stream-out')!r}, 0, cfg=cfg, overwrite=True, stream=True)
+cfg = HeadConfig(epochs={epochs}, patience={epochs}, memory_gb={memory_gb}, threads={threads}, stream=True)
+runs = crt.crt({str(cache)!r}, {str(cache.parent / 'stream-out')!r}, 0, cfg, overwrite=True)
 print(json.dumps({{'base': base, 'peak': rss('VmHWM:'), 'seconds': time.perf_counter() - t,
                   'mf1': runs[0].metrics['mf1']}}))
 """
@@ -161,11 +162,12 @@ def main() -> None:
     t0 = time.perf_counter()
     make_cache(args.cache, n, k, d, c)
     t_make = time.perf_counter() - t0
-    cfg = TrainConfig(epochs=e, batch_size=args.batch_size, patience=e, threads=args.threads)
+    cfg = HeadConfig(epochs=e, batch_size=args.batch_size, patience=e, threads=args.threads)
     t0 = time.perf_counter()
-    data = prepare_fold(open_table(args.cache), 0, cfg)
+    split = open_cache(args.cache).split(0)
+    data = (split, split.source(int(cfg.memory_gb * 2**30)))
     t_load = time.perf_counter() - t0
-    nt, nv = len(data.train), len(data.val)
+    nt, nv = len(split.train), len(split.val)
     res: dict = {"rows": n, "train": nt, "val": nv, "make_s": t_make, "load_s": t_load}
 
     res["single_s"], (_fit,) = timed_fit(data, [LossSpec()], cfg, c, d, "single")

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.benchlib import write_section
+from tools.benchlib import pbc_lt_default, write_section
 
 WBC = [sys.executable, "-m", "wbc"]
 LOG: list[tuple[str, float]] = []
@@ -94,7 +94,7 @@ def _finished(fold_dir: Path) -> bool:
     import torch
 
     best = fold_dir / "best.pt"
-    return best.exists() and bool(torch.load(best, map_location="cpu", weights_only=False).get("complete"))
+    return best.exists() and bool(torch.load(best, map_location="cpu", weights_only=True).get("complete"))
 
 
 def _complete(cache: Path) -> bool:
@@ -118,7 +118,7 @@ def parse_folds(text: str) -> list[int]:
 def main() -> None:
     env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=env("DATA", str(ROOT.parent / "shared" / "data" / "pbc-lt")))
+    p.add_argument("--data", default=env("DATA", str(pbc_lt_default())))
     p.add_argument("--out", default=env("BENCH_OUT", "cache/bench"))
     p.add_argument("--stores", default=env("STORES", "cache/images"))
     p.add_argument("--epochs", type=int, default=int(env("EPOCHS", "6")))

@@ -85,7 +85,7 @@ def degraded_val(ckpt: Path, head_path: Path, store_path: str, n: int) -> dict:
     from wbc.backbones import load_checkpoint
     from wbc.engine.extract import embed_views
     from wbc.engine.robustness import Degrader, stratified_subset
-    from wbc.heads import load_head
+    from wbc.heads import Head
     from wbc.metrics import classification_metrics
     from wbc.store import open_store
 
@@ -94,7 +94,7 @@ def degraded_val(ckpt: Path, head_path: Path, store_path: str, n: int) -> dict:
     val = np.flatnonzero((folds == 0) & (labels >= 0))
     rows = stratified_subset(val, labels[val], n, 0)
     model, meta = load_checkpoint(ckpt)
-    head = load_head(head_path)
+    head = Head.load(head_path)
     he = store.provenance.get("stain_matrix") if store.provenance.get("stain") == "macenko" else None
     out = {}
     for d in DEGS:
@@ -114,7 +114,7 @@ def zoomed_val(ckpt: Path, head_path: Path, store_path: str, n: int) -> dict:
     from wbc.backbones import load_checkpoint
     from wbc.engine.extract import embed_views
     from wbc.engine.robustness import stratified_subset
-    from wbc.heads import load_head
+    from wbc.heads import Head
     from wbc.metrics import classification_metrics
     from wbc.sources import zoom_image
     from wbc.store import open_store
@@ -124,7 +124,7 @@ def zoomed_val(ckpt: Path, head_path: Path, store_path: str, n: int) -> dict:
     val = np.flatnonzero((folds == 0) & (labels >= 0))
     rows = stratified_subset(val, labels[val], n, 0)
     model, meta = load_checkpoint(ckpt)
-    head = load_head(head_path)
+    head = Head.load(head_path)
     out = {}
     for z in ZOOMS:
         preds = []
@@ -145,14 +145,14 @@ def add_zoomed(args, work: Path, r: dict) -> dict:
 
 def score(args, work: Path, name: str, ckpt: Path) -> dict:
     """Every number of one row; cached in work/results/NAME.json."""
+    from wbc.engine.crt import crt
     from wbc.engine.evaluate import ModelSpec, evaluate_table
     from wbc.engine.external import evaluate_external
     from wbc.engine.extract import ExtractConfig, extract
     from wbc.engine.predict import save_ensemble
     from wbc.engine.robustness import RobustnessConfig, robustness
-    from wbc.engine.stage2 import crt
-    from wbc.engine.train_heads import TrainConfig as HeadConfig
     from wbc.losses import LossSpec
+    from wbc.stage2 import HeadConfig
 
     res_path = work / "results" / f"{name}.json"
     if res_path.is_file():
@@ -160,8 +160,7 @@ def score(args, work: Path, name: str, ckpt: Path) -> dict:
     t0 = time.perf_counter()
     zarr = work / "features" / f"{name}.zarr"
     extract(ckpt, args.store, zarr, ExtractConfig(views="identity", device="cpu", workers=0))
-    (run,) = crt(zarr, work / "crt" / name, fold=0, spec=LossSpec("cb_focal_hybrid", 0.99, 2.0, 1.0),
-                 cfg=HeadConfig(threads=0))
+    (run,) = crt(zarr, work / "crt" / name, fold=0, config=HeadConfig(loss=LossSpec("cb_focal_hybrid", 0.99, 2.0, 1.0)))
     rows, _ = evaluate_table([ModelSpec(name, (zarr,), (run.head_path,))], [0], ensembles=False)
     test = next(r for r in rows if r.kind != "supervised")
     ens = save_ensemble([f"{ckpt}:{run.head_path}"], Path(args.store), "identity",

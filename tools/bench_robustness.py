@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tools import bench_pbc
-from tools.benchlib import BENCH, machine, write_section
+from tools.benchlib import BENCH, machine, pbc_lt_default, write_section
 
 run = bench_pbc.run
 
@@ -173,7 +173,7 @@ def render(a, results: list[dict], flags: dict, seconds: float, png: Path) -> st
 def main() -> None:
     env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=env("DATA", str(ROOT.parent / "shared" / "data" / "pbc-lt")))
+    p.add_argument("--data", default=env("DATA", str(pbc_lt_default())))
     p.add_argument("--jtsc", default=env("JTSC", str(ROOT.parent / "shared" / "data" / "jtsc")))
     p.add_argument("--out", default=env("BENCH_OUT", "cache/bench"))
     p.add_argument("--backbone", default=env("BACKBONE", "lite0"))

@@ -44,3 +44,9 @@ def write_section(name: str, body: str, path: Path = BENCH) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def pbc_lt_default() -> Path:
+    """PBC-LT as built by tools/build_pbc_lt.py, else the copy beside the repo on the lab machine."""
+    built = ROOT / "data" / "pbc-lt-images"
+    return built if (built / "manifest.csv").is_file() else ROOT.parent / "shared" / "data" / "pbc-lt"

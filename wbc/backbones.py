@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import logging
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,45 @@ def logits_from_embeddings(model: nn.Module, emb: torch.Tensor) -> torch.Tensor:
     return model.get_classifier()(emb)
 
 
+# Keys every Stage-1 checkpoint has (docs/ARCHITECTURE.md section 2); checked before use.
+REQUIRED_KEYS = ("model", "timm_name", "class_names", "store_content_id", "data_config")
+
+
+def load_file(path: str | Path, what: str = "checkpoint") -> Any:
+    """torch.load with weights_only=True: tensors and plain values only, never code.
+
+    A file whose pickle needs anything else (a class, a function call) is refused with a one-line
+    WbcError: a checkpoint from elsewhere is data, and unpickling it must not run anything.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise WbcError(
+            f"refused {what} {path}: it holds objects other than tensors and plain values"
+            + (f" ({found.group(1)})" if found else "")
+            + ", which wbc does not unpickle (they can run code); use a file written by wbc or timm"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file (truncated, foreign) is the user's
+        raise WbcError(f"cannot read {what} {path}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A Stage-1 checkpoint dict, refused unless it has the format tag and every required key."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise WbcError(f"{path} is not a Stage-1 checkpoint (format {found!r}, want {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    dc = ckpt.get("data_config")
+    if not missing and not (isinstance(dc, dict) and "input_size" in dc):
+        missing = ["data_config.input_size"]
+    if missing:
+        raise WbcError(f"{path} is a damaged Stage-1 checkpoint: missing {', '.join(missing)}; "
+                       "use the best.pt that `wbc train` wrote")
+    return ckpt
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a Stage-1 model from `best.pt`/`last.pt`; returns (model in eval mode, meta).
 
@@ -122,13 +163,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise WbcError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file (truncated, foreign) is the user's
-        raise WbcError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise WbcError(f"{path} is not a Stage-1 checkpoint (format {found!r}, want {CHECKPOINT_FORMAT!r})")
+    ckpt = read_checkpoint(path)
     crop = int(ckpt["data_config"]["input_size"][-1])
     model = timm.create_model(
         ckpt["timm_name"], pretrained=False, num_classes=len(ckpt["class_names"]),

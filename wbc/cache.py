@@ -36,6 +36,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from wbc.errors import WbcError
+from wbc.folds import TEST
 
 log = logging.getLogger(__name__)
 
@@ -178,27 +179,35 @@ def mark_complete(g: zarr.Group, **attrs: Any) -> None:
 
 
 # -- reader ----------------------------------------------------------------------------------
+PROVENANCE_KEYS = ("backbone", "checkpoint_sha256", "checkpoint_fold", "store_content_id", "views",
+                   "image_transform", "wbc_version")
+
+
 @dataclass
 class FeatureCache:
-    """A complete cache. features: (N, K, D) float16 zarr array; labels/index/fold: (N,) numpy."""
+    """A complete cache. features: (N, K, D) float16 zarr array; labels/index/fold: (N,) numpy.
+
+    `in_memory(rows)` gives a cache of those rows held as numpy arrays (same API, row i = the
+    i-th of `rows`), so several readers of one cache decode its Zarr chunks once.
+    """
 
     path: Path
     group: str | None
     attrs: dict
-    features: zarr.Array
-    stage1_logits: zarr.Array
+    features: Any  # zarr.Array (or numpy in an in-memory copy)
+    stage1_logits: Any
     labels: np.ndarray
     index: np.ndarray
     fold: np.ndarray
-    _g: zarr.Group = field(repr=False)
+    _g: Any = field(repr=False)  # the zarr group, or a dict of numpy arrays
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
     @property
-    def arrays(self) -> dict[str, zarr.Array]:
+    def arrays(self) -> dict[str, Any]:
         """Every array of the cache by name (features, stage1_logits, labels, index, fold, done)."""
-        return dict(self._g.arrays())
+        return dict(self._g) if isinstance(self._g, dict) else dict(self._g.arrays())
 
     @property
     def class_names(self) -> list[str]:
@@ -213,16 +222,32 @@ class FeatureCache:
         return int(self.attrs["dim"])
 
     @property
+    def rows_per_block(self) -> int:
+        """Rows per stored chunk: the natural read size."""
+        return int(self.attrs.get("rows_per_chunk") or self.features.chunks[0])
+
+    @property
     def cache_id(self) -> str:
         return cache_id(self.attrs)
+
+    @property
+    def provenance(self) -> dict:
+        """What a head trained on this cache records about it (ids, path, cache_id)."""
+        return {**{k: self.attrs.get(k) for k in PROVENANCE_KEYS}, "path": str(self.path),
+                "cache_id": self.cache_id}
 
     def rows(self, fold: int | str) -> np.ndarray:
         """Cache rows of CV fold `fold`, 'test' (fold -1) or 'cv' (every fold >= 0)."""
         if fold == "test":
-            return np.flatnonzero(self.fold == -1)
+            return np.flatnonzero(self.fold == TEST)
         if fold == "cv":
             return np.flatnonzero(self.fold >= 0)
         return np.flatnonzero(self.fold == int(fold))
+
+    def block(self, name: str, b: int) -> np.ndarray:
+        """Row block b of `features` or `stage1_logits`: one chunk, one file read."""
+        r = self.rows_per_block
+        return np.asarray(self._g[name][b * r: min(len(self), (b + 1) * r)])
 
     def read(self, name: str = "features", rows: np.ndarray | None = None) -> np.ndarray:
         """Rows of `features` (M, K, D) or `stage1_logits` (M, K, C), read block by block.
@@ -230,18 +255,46 @@ class FeatureCache:
         Only the blocks holding the requested rows are read, one file each, so a subset never
         materialises the whole array.
         """
-        arr = self._g[name]
         if rows is None:
-            return arr[:]
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
-        r = int(self.attrs["rows_per_chunk"])
-        blocks = rows // r
-        for b in np.unique(blocks):
-            sel = np.flatnonzero(blocks == b)
-            block = arr[b * r: min(len(self), (b + 1) * r)]
-            out[sel] = block[rows[sel] - b * r]
-        return out
+            return np.asarray(self._g[name][:])
+        return self.read_sets(name, [rows])[0]
+
+    def read_sets(self, name: str, row_sets: list[np.ndarray]) -> list[np.ndarray]:
+        """`read` for several row sets in one pass: each block holding any requested row is read
+        and decoded once, whatever the number of sets (training and validation rows together)."""
+        arr, r = self._g[name], self.rows_per_block
+        sets = [np.asarray(rows, dtype=np.int64) for rows in row_sets]
+        outs = [np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype) for rows in sets]
+        blocks = np.unique(np.concatenate([rows // r for rows in sets])) if sets else []
+        spans = []
+        for rows in sets:  # rows of each set grouped by block: order[start[i]:stop[i]] lie in blocks[i]
+            order = np.argsort(rows, kind="stable")
+            rb = rows[order] // r
+            spans.append((order, np.searchsorted(rb, blocks), np.searchsorted(rb, blocks, side="right")))
+        for i, b in enumerate(blocks):
+            chunk = self.block(name, int(b))
+            for rows, out, (order, start, stop) in zip(sets, outs, spans):
+                sel = order[start[i]:stop[i]]
+                if len(sel):
+                    out[sel] = chunk[rows[sel] - b * r]
+        return outs
+
+    def in_memory(self, rows: np.ndarray | str = "cv") -> FeatureCache:
+        """These rows ('cv', 'test', a fold or an index array) read once into numpy: features in
+        their stored float16, Stage-1 logits as float32."""
+        rows = self.rows(rows) if isinstance(rows, str | int) else np.asarray(rows, dtype=np.int64)
+        feats, logits = self.read("features", rows), self.read("stage1_logits", rows).astype(np.float32)
+        cols = {"labels": self.labels[rows], "index": self.index[rows], "fold": self.fold[rows]}
+        attrs = {**self.attrs, "num_rows": len(rows)}
+        return FeatureCache(self.path, self.group, attrs, feats, logits, **cols,
+                            _g={"features": feats, "stage1_logits": logits, **cols})
+
+    def split(self, fold: int):
+        """Fold `fold` as validation: training, validation and test rows, their labels, and the
+        row sources Stage 2 trains from (in memory or streamed). See `wbc.cache_split.FoldSplit`."""
+        from wbc.cache_split import FoldSplit  # lazy: torch only when Stage 2 reads
+
+        return FoldSplit.of(self, fold)
 
 
 def cache_id(attrs: dict) -> str:

@@ -40,6 +40,7 @@ class MemberOutput:
     labels: np.ndarray  # (N,) int
     index: np.ndarray  # (N,) row in the image store: members must agree on it
     class_names: list[str]
+    store_id: str = ""  # content id of the image store the cache was extracted from
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -49,8 +50,10 @@ def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def view_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Softmax of each view's logits, averaged over views. (N, K, C) -> (N, C)."""
-    return softmax(np.asarray(logits, np.float64) / temperature).mean(axis=1)
+    """Softmax of each view's logits, averaged over views, in float64. (N, K, C) -> (N, C)."""
+    from wbc.heads import view_mean_softmax  # the library's one view-averaged softmax (lazy: torch)
+
+    return view_mean_softmax(np.asarray(logits, np.float64), temperature, view_dim=1)
 
 
 def member_output(member: Member, fold_values: tuple[int, ...] | None = None,
@@ -84,6 +87,7 @@ def member_output(member: Member, fold_values: tuple[int, ...] | None = None,
         labels=np.asarray(cache.labels)[rows].astype(np.int64),
         index=np.asarray(cache.index)[rows].astype(np.int64),
         class_names=list(cache.class_names),
+        store_id=str(cache.attrs.get("store_content_id") or ""),
     )
 
 
@@ -106,6 +110,11 @@ def check_compatible(outputs: list[MemberOutput], names: list[str]) -> None:
     for out, name in zip(outputs[1:], names[1:]):
         if out.class_names != ref.class_names:
             raise WbcError(f"{name}: classes {out.class_names} differ from {names[0]}: {ref.class_names}")
+        if out.store_id and ref.store_id and out.store_id != ref.store_id:
+            raise WbcError(
+                f"{name} and {names[0]} were extracted from different image stores ({out.store_id[:12]} "
+                f"vs {ref.store_id[:12]}): the same row numbers are other images; extract both from one store"
+            )
         if out.index.shape != ref.index.shape or not np.array_equal(out.index, ref.index):
             raise WbcError(
                 f"{name} and {names[0]} cover different image-store rows; extract every member "

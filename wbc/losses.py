@@ -1,7 +1,7 @@
 """Stage-2 losses: class-balanced (effective-number) weights, focal, hybrid, logit-adjusted.
 
 Every registered loss is one point of a single parametric family, so a grid of heads with
-different losses trains as one batched computation (`head_losses`):
+different losses trains as one batched computation (`wbc.stage2.batched_loss`):
 
     z'_j   = z_j + offset_j                     (logit adjustment; 0 for the CE family)
     p_y    = softmax(z')_y                       (the true class's probability, NOT exp(-alpha_y CE))
@@ -11,15 +11,16 @@ different losses trains as one batched computation (`head_losses`):
 ce: alpha=1, lam=0; cb_ce: alpha=effective-number weights, lam=0; focal: alpha=1, lam=1;
 cb_focal_hybrid: the paper's (1-lam) CB-CE + lam CB-focal; logit_adjusted (Menon et al. 2021):
 offset = la_tau * log prior; balanced_softmax (Ren et al. 2020): offset = log prior.
+This module is numpy only (no torch), so the CLI can list the registry's names cheaply.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from wbc.errors import WbcError
 from wbc.registry import Registry
@@ -37,7 +38,10 @@ class LossParams:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A named loss with its hyper-parameters (unused ones are ignored by that loss)."""
+    """A named loss with its hyper-parameters (unused ones are ignored by that loss).
+
+    Checked once, when made: an unknown name or an impossible value is a one-line WbcError.
+    """
 
     name: str = "cb_focal_hybrid"
     beta: float = 0.9999  # effective-number beta (Cui et al. 2019); the paper's value
@@ -45,19 +49,43 @@ class LossSpec:
     lam: float = 0.5  # weight of the focal term in the hybrid
     la_tau: float = 1.0  # logit-adjusted loss temperature (Menon et al. 2021)
 
+    def __post_init__(self) -> None:
+        LOSSES.get(self.name)
+        check_beta(self.beta)
+        if not self.gamma >= 0.0:
+            raise WbcError(f"--gamma must be >= 0, got {self.gamma:g} (0 = no focal term)")
+        if not 0.0 <= self.lam <= 1.0:
+            raise WbcError(f"--lam must be in [0, 1], got {self.lam:g} (0 = CB-CE, 1 = CB-focal)")
+        if not (self.gamma < math.inf and math.isfinite(self.la_tau)):
+            raise WbcError(f"gamma and la_tau must be finite, got {self.gamma:g} and {self.la_tau:g}")
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        """The hyper-parameters this loss reads (the registry's data)."""
+        return LOSSES.get(self.name).uses
+
     def label(self) -> str:
         """A short readable name holding only the parameters this loss uses."""
-        used = LOSSES.get(self.name).uses  # type: ignore[attr-defined]
-        parts = [f"{k}={getattr(self, k):g}" for k in used]
-        return " ".join([self.name, *parts])
+        return " ".join([self.name, *(f"{k}={getattr(self, k):g}" for k in self.uses)])
 
     def key(self) -> tuple:
-        used = LOSSES.get(self.name).uses  # type: ignore[attr-defined]
-        return (self.name, *(getattr(self, k) for k in used))
+        """Equal for two specs no loss can tell apart (ce ignores beta...)."""
+        return (self.name, *(getattr(self, k) for k in self.uses))
+
+    def params(self, counts) -> LossParams:
+        """This loss's point of the family for training class counts (C,)."""
+        return LOSSES.get(self.name).make(np.asarray(counts), self)
 
 
-LossFactory = Callable[[np.ndarray, LossSpec], LossParams]
-LOSSES: Registry[LossFactory] = Registry("loss")
+@dataclass(frozen=True)
+class Loss:
+    """A registry entry: how a spec becomes the family's parameters, and which fields it reads."""
+
+    make: Callable[[np.ndarray, LossSpec], LossParams]
+    uses: tuple[str, ...]
+
+
+LOSSES: Registry[Loss] = Registry("loss")
 
 
 def effective_number_weights(counts, beta: float) -> np.ndarray:
@@ -83,20 +111,10 @@ def check_beta(beta: float) -> None:
         raise WbcError(f"--beta must be in [0, 1), got {beta:g} (0.9999 is the paper's value)")
 
 
-def check_spec(spec: LossSpec) -> None:
-    """Reject impossible hyper-parameters with a one-line message."""
-    LOSSES.get(spec.name)
-    check_beta(spec.beta)
-    if not spec.gamma >= 0.0:
-        raise WbcError(f"--gamma must be >= 0, got {spec.gamma:g} (0 = no focal term)")
-    if not 0.0 <= spec.lam <= 1.0:
-        raise WbcError(f"--lam must be in [0, 1], got {spec.lam:g} (0 = CB-CE, 1 = CB-focal)")
-
-
 def _register(name: str, uses: tuple[str, ...]):
-    def deco(fn: LossFactory) -> LossFactory:
-        fn.uses = uses  # type: ignore[attr-defined]
-        return LOSSES.register(name)(fn)
+    def deco(fn: Callable[[np.ndarray, LossSpec], LossParams]):
+        LOSSES.register(name)(Loss(fn, uses))
+        return fn
 
     return deco
 
@@ -142,80 +160,3 @@ def _logit_adjusted(counts, s: LossSpec) -> LossParams:
 @_register("balanced_softmax", ())
 def _balanced_softmax(counts, s: LossSpec) -> LossParams:
     return LossParams(_ones(counts), 0.0, 0.0, _log_prior(counts))
-
-
-def loss_params(spec: LossSpec, counts) -> LossParams:
-    check_spec(spec)
-    return LOSSES.get(spec.name)(np.asarray(counts), spec)
-
-
-@dataclass
-class StackedLoss:
-    """G heads' loss parameters as tensors: alpha (G, C), gamma (G,), lam (G,), offset (G, C)."""
-
-    alpha: torch.Tensor
-    gamma: torch.Tensor
-    lam: torch.Tensor
-    offset: torch.Tensor
-
-    def __post_init__(self) -> None:
-        # Which terms any head uses, decided once instead of at every training step.
-        self.focal = bool((self.lam * self.gamma).any())
-        self.shifted = bool(self.offset.any())
-
-    @classmethod
-    def build(cls, specs: list[LossSpec], counts) -> StackedLoss:
-        ps = [loss_params(s, counts) for s in specs]
-        f32 = {"dtype": torch.float32}
-        return cls(
-            alpha=torch.tensor(np.stack([p.alpha for p in ps]), **f32),
-            gamma=torch.tensor([p.gamma for p in ps], **f32),
-            lam=torch.tensor([p.lam for p in ps], **f32),
-            offset=torch.tensor(np.stack([p.offset for p in ps]), **f32),
-        )
-
-    def select(self, idx: torch.Tensor) -> StackedLoss:
-        return StackedLoss(self.alpha[idx], self.gamma[idx], self.lam[idx], self.offset[idx])
-
-
-def head_losses(logits: torch.Tensor, y: torch.Tensor, p: StackedLoss) -> torch.Tensor:
-    """Mean loss of each head over the batch. logits: (B, G, C); y: (B,) int64 -> (G,)."""
-    z = logits + p.offset
-    logp = torch.log_softmax(z, dim=-1)
-    logp_y = logp.gather(-1, y.view(-1, 1, 1).expand(-1, z.shape[1], 1)).squeeze(-1)  # (B, G)
-    ce = -p.alpha[:, y].t() * logp_y
-    # 1 - p_y from log p_y without cancellation; the clamp keeps gamma<1 gradients finite at p_y=1.
-    one_minus_p = (-torch.expm1(logp_y)).clamp_min(1e-12)
-    modulator = (1.0 - p.lam) + p.lam * one_minus_p.pow(p.gamma)
-    return (modulator * ce).mean(0)
-
-
-def head_losses_and_grad(logits: torch.Tensor, y: torch.Tensor, p: StackedLoss
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`head_losses` and its gradient w.r.t. the logits in closed form (no autograd graph).
-
-    With q = 1 - p_y, l = -log p_y and m = (1 - lam) + lam q^gamma, the per-sample loss
-    alpha_y m l has d/dz = alpha_y (m + lam gamma l p_y q^(gamma-1)) (softmax(z') - onehot_y).
-    logits: (B, G, C); y: (B,) -> losses (G,), d mean-loss / d logits (B, G, C).
-    Written for few kernel launches: it runs once per training step.
-    """
-    b, g, _ = logits.shape
-    logp = torch.log_softmax(logits + p.offset if p.shifted else logits, dim=-1)
-    idx = y.view(-1, 1, 1).expand(-1, g, 1)
-    logp_y = logp.gather(-1, idx).squeeze(-1)  # (B, G)
-    prob = logp.exp_()
-    p_y = logp_y.exp()
-    q = torch.expm1(logp_y).neg_().clamp_min_(1e-12)  # 1 - p_y without cancellation
-    a_y = p.alpha.t()[y]  # (B, G)
-    if p.focal:
-        q_gamma = q.pow(p.gamma)
-        m = torch.addcmul(1.0 - p.lam, p.lam, q_gamma)
-        # q^(gamma-1) = q^gamma / q; lam*gamma = 0 heads get exactly 0 (q >= 1e-12 keeps it finite)
-        dm = (p.lam * p.gamma) * p_y * q_gamma / q * -logp_y
-        scale, per_sample = a_y * (m + dm), a_y * m
-    else:  # no focal term anywhere: m = 1
-        scale = per_sample = a_y
-    scale = scale / b
-    grad = prob.mul_(scale.unsqueeze(-1))
-    grad.scatter_add_(-1, idx, -scale.unsqueeze(-1))
-    return (per_sample * -logp_y).mean(0), grad

@@ -31,6 +31,7 @@ import numpy as np
 
 from wbc import __version__
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write, check_writable, output_lock
 from wbc.log import progress
 from wbc.sources import ImageDecodeError, Source, decode_image, open_source, resize_square
 from wbc.stain import (
@@ -56,6 +57,13 @@ class PrepareConfig:
     workers: int = -1  # processes for decode+normalise; -1 = all CPUs (up to 8), 0 = in-process
     compression: str = "lzf"  # fast to decompress in DataLoader workers
     commit_every: int = 64  # items per flush: the most an interruption can lose
+
+    def __post_init__(self) -> None:  # checked here, so CLI and Python callers fail before any work
+        for name, low in (("size", 16), ("max_template_candidates", 1), ("commit_every", 1)):
+            if getattr(self, name) < low:
+                raise WbcError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.workers < -1:
+            raise WbcError(f"--workers must be -1 (all CPUs), 0 (in this process) or more, got {self.workers}")
 
 
 @dataclass
@@ -84,12 +92,27 @@ START_METHOD = "spawn"
 _NORMALIZERS: dict[tuple, StainNormalizer] = {}
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)  # parallelism comes from processes; threads would oversubscribe
     # Ctrl-C goes to the whole process group: let the parent alone handle it (commit, shut down).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent's pid comes from the parent: it may have died while this worker imported torch.
+    _exit_with_parent(parent or os.getppid())
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """A worker must not outlive its parent (kill -9 of `wbc prepare` would leave it running):
+    a daemon thread exits the process once it has been re-parented."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def _estimate_task(task: tuple[int, bytes | str]) -> tuple[int, list | None, list | None, str]:
@@ -218,8 +241,13 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
                   overwrite: bool = False) -> PrepareReport:
     """Build (or resume) the image store `out` from `source`; see the module doc."""
     t0 = time.perf_counter()
+    out = check_writable(out, "image store")
     src = open_source(source)
-    out = Path(out)
+    with output_lock(out):  # a second prepare of `out` is refused, even with --overwrite
+        return _prepare_locked(src, out, cfg, overwrite, t0)
+
+
+def _prepare_locked(src: Source, out: Path, cfg: PrepareConfig, overwrite: bool, t0: float) -> PrepareReport:
     workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
     label_index = {c: k for k, c in enumerate(src.class_names)}
     plan_id = _plan_id(src, cfg)
@@ -288,7 +316,7 @@ class _pool_ctx:
             torch.set_num_threads(1)
             return
         self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(START_METHOD),
-                                        initializer=_init_worker)
+                                        initializer=_init_worker, initargs=(os.getpid(),))
         # Start the workers now with SIGINT ignored (inherited): Ctrl-C during their slow start
         # (importing torch) must reach only this process, which commits and shuts down cleanly.
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -329,9 +357,14 @@ def _write_rows(w: StoreWriter, src: Source, label_index: dict, pool, job: tuple
         skipped.clear()
 
     tasks = ((i, b, job) for i, b in src.iter_bytes(start))
+    first = _stored_contents(w)
     with progress() as bar:
         task = bar.add_task("prepare", total=n, completed=start, info="")
         for i, img, ok, sha, note in _imap(pool, _prepare_task, tasks):
+            if img is not None and sha in first:  # one file listed twice (e.g. relative + absolute)
+                img, note = None, _duplicate_reason(first[sha], src.items[i])
+            elif img is not None:
+                first[sha] = (w.n_rows + len(rows), src.items[i].path, src.items[i].label)
             if img is None:
                 skipped.append((src.items[i].path, note))
                 log.warning("skipped %s: %s", src.items[i].path, note)
@@ -341,6 +374,18 @@ def _write_rows(w: StoreWriter, src: Source, label_index: dict, pool, job: tuple
             if len(rows) + len(skipped) >= commit_every:
                 flush(i + 1)
         flush(n)
+
+
+def _stored_contents(w: StoreWriter) -> dict[str, tuple[int, str, str | None]]:
+    """source sha256 -> (store row, path, label) of the rows already written (a resumed run)."""
+    sha, paths = w.f["source_sha256"].asstr()[:], w.f["paths"].asstr()[:]
+    return {s: (r, p, None) for r, (s, p) in enumerate(zip(sha, paths)) if s}
+
+
+def _duplicate_reason(first: tuple[int, str, str | None], item) -> str:
+    row, path, label = first
+    clash = f"; labelled {label!r} there, {item.label!r} here" if label is not None and label != item.label else ""
+    return f"duplicate: same file content as store row {row} ({path}), stored once{clash}"
 
 
 def _finish(w: StoreWriter, src: Source, cfg: PrepareConfig, tpl: dict | None, t0: float,
@@ -392,7 +437,7 @@ def skipped_csv_path(store: Path) -> Path:
 
 
 def _write_skipped_csv(path: Path, skipped: list[tuple[str, str]]) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["path", "reason"])
         wr.writerows(skipped)

@@ -9,9 +9,9 @@ bytes, or a reason string when the file cannot be read; decoding happens in work
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +80,8 @@ def decode_image(data: bytes) -> tuple[np.ndarray, str]:
         im.load()
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:  # pixel count past PIL's safety limit: skip, not abort
+        raise ImageDecodeError(f"too large to decode safely (decompression bomb): {str(e)[:80]}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"corrupt image: {str(e)[:80]}") from None
     mode, note = im.mode, ""
@@ -154,6 +156,8 @@ def from_image_folder(root: Path) -> Source:
     items, problems, classes = [], [], []
     for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith(".")):
         files = sorted(f for f in d.rglob("*") if f.is_file())
+        for f in sorted(f for f in d.rglob("*") if f.is_symlink() and not f.exists()):
+            problems.append((f.relative_to(root).as_posix(), f"dangling symlink (target {os.readlink(f)} missing)"))
         if not files:
             problems.append((f"{d.name}/", "empty class folder: class dropped"))
             log.warning("class folder %s is empty: class %r dropped", d, d.name)
@@ -184,16 +188,11 @@ def _norm_split(value: str, where: str) -> str:
 
 def from_manifest(csv_path: Path) -> Source:
     """CSV with columns image,label (+ optional split, group); image paths relative to the CSV."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in ("image", "label") if c not in cols]
-        if missing:
-            raise WbcError(f"{csv_path}: missing column(s) {missing}; found {cols}; "
-                           "a manifest needs image,label (+ optional split, group)")
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    from wbc.csvio import read_csv
+
+    _, rows = read_csv(csv_path, ("image", "label"), "a manifest needs image,label (+ optional split, group)")
     items, problems, seen = [], [], {}
-    for line, r in enumerate(rows, start=2):
+    for line, r in rows:
         path = r["image"]
         if not path:
             problems.append((f"<line {line}>", "empty image path"))

@@ -18,20 +18,10 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from wbc import __version__
 from wbc.errors import WbcError
+from wbc.folds import parse_fold_list  # noqa: F401 - its home was here; callers import it from both
 from wbc.store import open_store, write_split
 
 log = logging.getLogger(__name__)
-
-
-def parse_fold_list(text: str | int, option: str = "--folds", hint: str = "") -> list[int]:
-    """'0,1' -> [0, 1]: the fold indices a --fold/--folds option names; a one-line WbcError otherwise."""
-    try:
-        folds = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        folds = []
-    if not folds or min(folds) < 0:
-        raise WbcError(f"{option} must be a fold index or a comma list such as 0,1{hint}; got {text!r}")
-    return folds
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,11 @@ def compute_content_id(source_sha256: Sequence[str], labels: Sequence[int], sett
     return h.hexdigest()
 
 
+def _held_by_another(e: OSError) -> bool:
+    """h5py's error when another process holds the file open for writing (HDF5 file locking)."""
+    return e.errno in (11, 35) or "unable to lock file" in str(e).lower()
+
+
 class StoreWriter:
     """Create (or resume) a store and append rows to it; `finalize` marks it complete.
 
@@ -123,6 +128,9 @@ class StoreWriter:
             with h5py.File(self.path, "r") as f:
                 attrs = dict(f.attrs)
         except OSError as e:
+            if _held_by_another(e):  # never advise --overwrite while someone else has the file
+                raise WbcError(f"{self.path} is open in another process (HDF5 file lock); wait for "
+                               "it to finish, then rerun") from None
             raise WbcError(
                 f"{self.path} exists but cannot be opened as HDF5 ({e}); "
                 "delete it or rerun with --overwrite"

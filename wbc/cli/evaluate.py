@@ -9,6 +9,7 @@ import typer
 
 from wbc.cli.app import app, ensemble_app
 from wbc.cli.options import Device, LabelMapOption, Out, ZoomOpt
+from wbc.cli.report import GalleryOpt, SaliencyOpt
 from wbc.errors import WbcError
 from wbc.log import console
 
@@ -52,18 +53,27 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Images per batch (with --external).")] = 32,
     zoom: ZoomOpt = 1.0,
     device: Device = "auto",
+    ablation: Annotated[Path | None, typer.Option(
+        help="A `wbc ablate` output folder: report.html draws its grid as a heat map.")] = None,
+    gallery: GalleryOpt = 8,
+    saliency: SaliencyOpt = True,
 ) -> None:
     """Table 1 on the held-out test (supervised, decoupled and ensemble rows, mean +- std over folds),
     or with --external an ensemble scored on a labelled set from elsewhere."""
-    if external is not None or ensemble is not None:
+    from wbc.fsutil import check_writable
+
+    is_external = external is not None or ensemble is not None
+    out = out or Path("reports/external" if is_external else "reports/table1")
+    check_writable(out, "report directory")  # before scoring, not after
+    if is_external:
         if model:
             raise WbcError("--model scores cached features, --external an --ensemble's images: give one or the other")
-        _external(ensemble, external, label_map, out or Path("reports/external"), batch_size, device, title, zoom)
+        _external(ensemble, external, label_map, out, batch_size, device, title, zoom)
         return
     from wbc.engine.evaluate import evaluate_table
-    from wbc.report import rich_table, write_report
+    from wbc.report import class_counts_line, rich_table, write_report
+    from wbc.report_html import render_report, report_sources
 
-    out = out or Path("reports/table1")
     title = title or "Held-out test"
     if model is None:
         model = []
@@ -71,10 +81,17 @@ def evaluate(
 
     fold_list = parse_fold_list(folds, "--folds")
     models = [parse_model(m, fold_list) for m in model]
+    if ablation is not None and not (ablation / "ablate.csv").is_file():
+        raise WbcError(f"--ablation {ablation}: no ablate.csv there (give a `wbc ablate --out` folder)")
     rows, classes = evaluate_table(models, fold_list, calibrate=calibrate, ensembles=ensembles)
-    paths = write_report(rows, classes, out, title, extra={"folds": fold_list, "calibrated": calibrate})
+    sources = {**report_sources(models, fold_list), "ablation": str(ablation.resolve()) if ablation else None}
+    paths = write_report(rows, classes, out, title,
+                         extra={"folds": fold_list, "calibrated": calibrate, "sources": sources})
     console.print(rich_table(rows, title))
+    console.print(f"held-out test: {rows[0].folds[0]['n']} cells; {class_counts_line(rows[0], classes)}")
+    html = render_report(out, gallery, saliency, device)
     console.print(f"report: {paths['md']}  json: {paths['json']}  confusion: {paths['png']}")
+    console.print(f"open in a browser: {html}")
 
 
 def _external(ensemble, external, label_map, out, batch_size, device, title, zoom) -> None:
@@ -91,6 +108,9 @@ def _external(ensemble, external, label_map, out, batch_size, device, title, zoo
     if res.failed:
         console.print(f"[yellow]{len(res.failed)} images could not be read; listed in {res.paths['failed']}[/]")
     console.print(f"report: {res.paths['md']}  json: {res.paths['json']}  confusion: {res.paths['png']}")
+    from wbc.report_html import render_report
+
+    console.print(f"open in a browser: {render_report(out, 0, False, device)}")
 
 
 @ensemble_app.command("save")
@@ -105,7 +125,9 @@ def ensemble_save(
 ) -> None:
     """Write ENSEMBLE.yaml (checkpoints, heads, stain template, class names, views) for `wbc predict`."""
     from wbc.engine.predict import save_ensemble
+    from wbc.fsutil import check_writable
 
+    check_writable(out, "ensemble file")
     path = save_ensemble(member, store, views, out, caches=cache or None)
     console.print(f"ensemble written: {path}")
 
@@ -120,9 +142,11 @@ def predict(
     device: Device = "auto",
 ) -> None:
     """Classify new cells with the full path: stain template, resize/crop, K views, members, averaging."""
+    from wbc.cli.report import predictions_html
     from wbc.engine.predict import predict as run_predict
 
     result = run_predict(images, ensemble, out, batch_size=batch_size, device=device, zoom=zoom)
     console.print(f"{result.n_ok} images classified -> {result.out}")
+    console.print(f"open in a browser: {predictions_html(images, result.out)}")
     if result.failed:
         console.print(f"[yellow]{len(result.failed)} images could not be read; listed in {result.failed_path}[/]")

@@ -31,10 +31,12 @@ def extract_cmd(
     other_store: Annotated[bool, typer.Option("--other-store", help="Allow a store the checkpoint was not trained on (external test set).")] = False,
 ) -> None:
     """Embed every image of a store with a frozen Stage-1 backbone under K test-time views (Zarr cache)."""
-    from wbc.engine.extract import ExtractConfig, extract
+    from wbc.engine.extract_config import ExtractConfig
 
     cfg = ExtractConfig(views=views, batch_size=batch_size, workers=workers, device=device, amp=amp,
                         chunk_rows=chunk_rows, overwrite=overwrite, other_store=other_store)
+    from wbc.engine.extract import extract  # torch: after the options are checked
+
     s = extract(source, store, out, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         t = s["timings"]

@@ -1,4 +1,5 @@
-"""`wbc crt` and `wbc ablate`: Stage-2 heads on a feature cache (thin wrappers over wbc.engine)."""
+"""`wbc crt` and `wbc ablate`: Stage-2 heads on a feature cache (thin wrappers over wbc.engine.crt /
+wbc.engine.ablate, which run `wbc.stage2.fit` per fold)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ from rich.table import Table
 from wbc.cli.app import app
 from wbc.cli.options import Fold, Out, Overwrite, Seed
 from wbc.log import console
+from wbc.losses import LOSSES, LossSpec
+from wbc.sampling import SAMPLERS
+from wbc.stage2 import HeadConfig
+
+_H, _L = HeadConfig(), LossSpec()  # defaults come from the config, so the CLI never disagrees with the library
 
 CacheArg = Annotated[str, typer.Argument(
     help="Zarr feature cache from `wbc extract`; '{fold}' in the path = one cache per fold "
          "(each fold's own Stage-1 backbone).", show_default=False, metavar="CACHE")]
-LossOpt = Annotated[str, typer.Option(help="ce, cb_ce, focal, cb_focal_hybrid, logit_adjusted, balanced_softmax.")]
-SamplerOpt = Annotated[str, typer.Option(help="class_balanced (weight 1/n_y, with replacement) or instance.")]
+LossOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(LOSSES.names())}.")]
+SamplerOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(SAMPLERS.names())} "
+                                              "(class_balanced: weight 1/n_y, with replacement).")]
 EpochsOpt = Annotated[int, typer.Option(help="Maximum epochs (an epoch = N draws).")]
 LrOpt = Annotated[float, typer.Option(help="AdamW learning rate (cosine to 0).")]
 WdOpt = Annotated[float, typer.Option(help="AdamW weight decay.")]
@@ -32,11 +39,18 @@ StreamOpt = Annotated[bool | None, typer.Option("--stream/--in-memory", help="Fo
 ThreadsOpt = Annotated[int, typer.Option(help="Torch CPU threads (0 = torch's default).")]
 
 
-def _train_config(sampler, epochs, lr, weight_decay, batch_size, patience, seed, memory_gb, threads):
-    from wbc.engine.train_heads import TrainConfig
+def _config(loss, sampler, epochs, lr, weight_decay, batch_size, patience, seed, tau, logit_adjust,
+            memory_gb, stream, threads) -> HeadConfig:
+    return HeadConfig(loss=loss, sampler=sampler, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                      batch_size=batch_size, patience=patience, seed=seed, tau=tau, logit_adjust=logit_adjust,
+                      memory_gb=memory_gb, stream=stream, threads=threads)
 
-    return TrainConfig(sampler=sampler, lr=lr, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
-                       patience=patience, seed=seed, memory_gb=memory_gb, threads=threads)
+
+def _claim(out: Path):
+    """The heads dir must be writable before training, and one job at a time writes it."""
+    from wbc.fsutil import check_writable, output_lock
+
+    return output_lock(check_writable(out, "heads directory"))
 
 
 def _pct(x: float) -> str:
@@ -48,32 +62,33 @@ def crt(
     cache: CacheArg,
     out: Out = Path("runs/crt"),
     fold: Fold = "all",
-    loss: LossOpt = "cb_focal_hybrid",
-    beta: Annotated[float, typer.Option(help="Effective-number beta in [0, 1) (class-balanced weights).")] = 0.9999,
-    gamma: Annotated[float, typer.Option(help="Focal exponent >= 0.")] = 2.0,
-    lam: Annotated[float, typer.Option(help="Hybrid weight in [0, 1]: (1-lam) CB-CE + lam CB-focal.")] = 0.5,
-    sampler: SamplerOpt = "class_balanced",
-    epochs: EpochsOpt = 50,
-    lr: LrOpt = 1e-3,
-    weight_decay: WdOpt = 5e-4,
-    batch_size: BatchOpt = 256,
-    patience: PatienceOpt = 10,
-    tau: TauOpt = "0",
-    logit_adjust: LaOpt = 0.0,
-    seed: Seed = 0,
-    memory_gb: MemoryOpt = 4.0,
-    stream: StreamOpt = None,
-    threads: ThreadsOpt = 0,
+    loss: LossOpt = _L.name,
+    beta: Annotated[float, typer.Option(help="Effective-number beta in [0, 1) (class-balanced weights).")] = _L.beta,
+    gamma: Annotated[float, typer.Option(help="Focal exponent >= 0.")] = _L.gamma,
+    lam: Annotated[float, typer.Option(help="Hybrid weight in [0, 1]: (1-lam) CB-CE + lam CB-focal.")] = _L.lam,
+    sampler: SamplerOpt = _H.sampler,
+    epochs: EpochsOpt = _H.epochs,
+    lr: LrOpt = _H.lr,
+    weight_decay: WdOpt = _H.weight_decay,
+    batch_size: BatchOpt = _H.batch_size,
+    patience: PatienceOpt = _H.patience,
+    tau: TauOpt = f"{_H.tau:g}",
+    logit_adjust: LaOpt = _H.logit_adjust,
+    seed: Seed = _H.seed,
+    memory_gb: MemoryOpt = _H.memory_gb,
+    stream: StreamOpt = _H.stream,
+    threads: ThreadsOpt = _H.threads,
     overwrite: Overwrite = False,
 ) -> None:
     """Stage 2 (cRT): a fresh linear head per validation fold on cached embeddings (no images, no backbone)."""
-    from wbc.engine.stage2 import crt as run_crt
-    from wbc.losses import LossSpec
+    from wbc.engine.crt import crt as run_crt
     from wbc.metrics import mean_std
 
-    cfg = _train_config(sampler, epochs, lr, weight_decay, batch_size, patience, seed, memory_gb, threads)
-    runs = run_crt(cache, out, fold, LossSpec(loss, beta, gamma, lam), cfg, tau, logit_adjust, overwrite, stream)
-    table = Table(title=f"cRT {LossSpec(loss, beta, gamma, lam).label()} (validation, %)")
+    cfg = _config(LossSpec(loss, beta, gamma, lam), sampler, epochs, lr, weight_decay, batch_size, patience, seed,
+                  tau, logit_adjust, memory_gb, stream, threads)
+    with _claim(out):
+        runs = run_crt(cache, out, fold, cfg, overwrite)
+    table = Table(title=f"cRT {cfg.loss.label()} (validation, %)")
     for col in ("fold", "epoch", "tau", "MF1", "BAcc", "MP", "MSpec", "Stage-1 MF1", "Stage-1 BAcc", "s"):
         table.add_column(col, justify="right")
     for r in runs:
@@ -94,23 +109,23 @@ def ablate(
     cache: CacheArg,
     out: Out = Path("runs/ablate"),
     fold: Fold = "all",
-    loss: Annotated[str, typer.Option(help="Comma-separated loss names (see `wbc crt --help`).")] = "cb_focal_hybrid",
+    loss: Annotated[str, typer.Option(help=f"Comma-separated loss names: {', '.join(LOSSES.names())}.")] = _L.name,
     beta: Annotated[str, typer.Option(help="Comma-separated betas in [0, 1).")] = "0.99,0.999,0.9999",
     gamma: Annotated[str, typer.Option(help="Comma-separated focal exponents >= 0.")] = "0,1,2",
     lam: Annotated[str, typer.Option(help="Comma-separated hybrid weights in [0, 1].")] = "0,0.5,1",
-    sampler: SamplerOpt = "class_balanced",
-    epochs: EpochsOpt = 50,
-    lr: LrOpt = 1e-3,
-    weight_decay: WdOpt = 5e-4,
-    batch_size: BatchOpt = 256,
-    patience: PatienceOpt = 10,
-    tau: TauOpt = "0",
-    logit_adjust: LaOpt = 0.0,
+    sampler: SamplerOpt = _H.sampler,
+    epochs: EpochsOpt = _H.epochs,
+    lr: LrOpt = _H.lr,
+    weight_decay: WdOpt = _H.weight_decay,
+    batch_size: BatchOpt = _H.batch_size,
+    patience: PatienceOpt = _H.patience,
+    tau: TauOpt = f"{_H.tau:g}",
+    logit_adjust: LaOpt = _H.logit_adjust,
     save_heads: Annotated[bool, typer.Option(help="Also save every configuration's heads under OUT/heads/.")] = False,
-    seed: Seed = 0,
-    memory_gb: MemoryOpt = 4.0,
-    stream: StreamOpt = None,
-    threads: ThreadsOpt = 0,
+    seed: Seed = _H.seed,
+    memory_gb: MemoryOpt = _H.memory_gb,
+    stream: StreamOpt = _H.stream,
+    threads: ThreadsOpt = _H.threads,
     overwrite: Overwrite = False,
 ) -> None:
     """Loss ablation: every (loss, beta, gamma, lam) configuration trained in one batched pass per fold."""
@@ -120,8 +135,10 @@ def ablate(
 
     specs = grid_specs([x.strip() for x in loss.split(",") if x.strip()], parse_floats(beta, "beta"),
                        parse_floats(gamma, "gamma"), parse_floats(lam, "lam"))
-    cfg = _train_config(sampler, epochs, lr, weight_decay, batch_size, patience, seed, memory_gb, threads)
-    rows = run_ablate(cache, out, specs, fold, cfg, tau, logit_adjust, save_heads, overwrite, stream)
+    cfg = _config(_L, sampler, epochs, lr, weight_decay, batch_size, patience, seed, tau, logit_adjust,
+                  memory_gb, stream, threads)
+    with _claim(out):
+        rows = run_ablate(cache, out, specs, fold, cfg, save_heads, overwrite)
     folds = len(rows[0].per_fold)
     table = Table(title=f"Loss ablation: {len(rows)} configurations, mean ± std over {folds} fold(s) (%)")
     for col in ("configuration", "MF1", "BAcc", "MP", "MSpec"):

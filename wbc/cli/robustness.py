@@ -51,6 +51,9 @@ def robustness(
     cfg = RobustnessConfig(degradations=tuple(degradation or ()), severities=parse_severities(severities),
                            max_images=max_images, seed=seed, views=views, batch_size=batch_size,
                            workers=workers, device=device)
+    from wbc.fsutil import check_writable
+
+    check_writable(out, "report directory")  # before the degraded extractions, not after
     res = run(ensemble, store, out, cfg, caches=cache or None)
     t = Table("Model", "clean MF1", "mean MF1 (degraded)", "worst", title=f"Robustness ({out})")
     for s in res.summary:

@@ -48,14 +48,14 @@ def train(
 
     Multi-GPU / multi-node: `torchrun --nproc_per_node N -m wbc train ...` (gloo on CPU).
     """
-    from wbc.engine.train_backbone import train as run_train
-
     cfg = TrainConfig(
         backbone=backbone, pretrained=pretrained, epochs=epochs, batch_size=batch_size,
         accum_steps=accum_steps, lr=lr, weight_decay=weight_decay, patience=patience,
         augment=augment, recipe=recipe, crop=crop, resize=resize, amp=amp, channels_last=channels_last,
         device=device, workers=workers, preload=preload, seed=seed,
     )
+    from wbc.engine.train_backbone import train as run_train  # torch: after the options are checked
+
     runs = run_train(store, out or Path("runs") / backbone, cfg, fold=fold, resume=resume,
                      overwrite=overwrite)
     _summary(runs)
@@ -71,7 +71,7 @@ def _summary(runs: list[Path]) -> None:
     table = Table("fold", "best epoch", "val MF1", "val BAcc", "checkpoint", title="Stage 1")
     for run in runs:
         best = run / "best.pt"
-        meta = torch.load(best, map_location="cpu", weights_only=False)
+        meta = torch.load(best, map_location="cpu", weights_only=True)
         val = meta.get("val") or {}
         table.add_row(str(meta["fold"]), str(meta["epoch"]), f"{val.get('val_mf1', float('nan')):.4f}",
                       f"{val.get('val_bacc', float('nan')):.4f}", str(best))

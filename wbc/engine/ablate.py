@@ -13,27 +13,17 @@ import itertools
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from wbc.config import save_config
-from wbc.engine.stage2 import (
-    TableCache,
-    cache_path,
-    grid_key,
-    parse_tau,
-    prepare_fold,
-    resolve_folds,
-    run_config,
-    stage1_val_metrics,
-    train_fold,
-)
-from wbc.engine.train_heads import TrainConfig
+from wbc.config import config_hash, save_config, to_dict
+from wbc.engine.crt import FoldCaches, stage1_val_metrics
 from wbc.errors import WbcError
-from wbc.heads import Head
-from wbc.losses import LossSpec, check_spec
+from wbc.fsutil import atomic_write
+from wbc.losses import LossSpec
 from wbc.metrics import HEADLINE, mean_std
+from wbc.stage2 import HeadConfig
+from wbc.stage2.fitting import as_configs, fit
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +43,6 @@ def grid_specs(losses: list[str], betas, gammas, lams, la_tau: float = 1.0) -> l
     specs, seen = [], set()
     for name, beta, gamma, lam in itertools.product(losses, betas, gammas, lams):
         s = LossSpec(name, beta, gamma, lam, la_tau)
-        check_spec(s)
         if s.key() not in seen:
             seen.add(s.key())
             specs.append(s)
@@ -73,61 +62,65 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", label)
 
 
-def ablate(cache: str | Path, out: Path, specs: list[LossSpec], fold: str | int = "all",
-           cfg: TrainConfig | None = None, tau="0", la_tau: float = 0.0, save_heads: bool = False,
-           overwrite: bool = False, stream: bool | None = None) -> list[AblateRow]:
-    """Train every spec on every fold (one batched pass per fold); rows in the grid's order."""
-    cfg = cfg or TrainConfig()
-    cfg.check()
-    parse_tau(tau)
+def ablate(cache: str | Path, out: str | Path, specs: list[LossSpec], fold: str | int = "all",
+           config: HeadConfig | None = None, save_heads: bool = False, overwrite: bool = False) -> list[AblateRow]:
+    """Train every loss spec (with `config`'s other settings) on every fold, one batched pass per
+    fold; rows in the grid's order. Another grid in the same `out` is refused before anything is
+    written."""
+    (config,) = as_configs(config or HeadConfig())
     if not specs:
         raise WbcError("the ablation grid is empty")
-    out = Path(out)
-    folds = resolve_folds(cache, fold)
-    save_config({**run_config(specs[0], cfg, tau, la_tau, stream), "specs": [s.label() for s in specs],
-                 "folds": folds, "cache": str(cache)}, out / "config.yaml")
-    tables = TableCache(cache, folds, int(cfg.memory_gb * 2**30))
-    per_fold = [_fold(tables, cache, k, out, specs, cfg, tau, la_tau, save_heads, overwrite, stream)
-                for k in folds]
+    out, configs = Path(out), [config.with_loss(s) for s in specs]
+    caches = FoldCaches(cache, fold, config.memory_gb)
+    keys = {k: grid_key(configs, caches.open(k).cache_id) for k in caches.folds}
+    kept = {k: _kept(out / "folds" / f"fold{k}.json", keys[k], overwrite) for k in caches.folds}
+    asked = {**configs[0].record(), "specs": [s.label() for s in specs], "folds": caches.folds, "cache": str(cache)}
+    save_config(asked, out / "config.yaml")
+    per_fold = [kept[k] or _fold(caches, k, out, configs, keys[k], save_heads) for k in caches.folds]
+    save_config({**asked, "ran": {f"fold{f['fold']}": f.get("ran") for f in per_fold}}, out / "config.yaml")
     rows = []
     for g, s in enumerate(specs):
         runs = [f["results"][g]["metrics"] for f in per_fold]
         rows.append(AblateRow(s.label(), s, mean_std(runs), [f["results"][g] for f in per_fold]))
     best = max(range(len(rows)), key=lambda i: rows[i].mean_std["mf1"][0])
     rows[best].best = True
-    write_tables(rows, out, folds)
+    write_tables(rows, out, caches.folds)
     return rows
 
 
-def _fold(tables, cache, k, out: Path, specs, cfg, tau, la_tau, save_heads, overwrite, stream) -> dict:
-    table = tables.get(k)
-    key = grid_key(specs, cfg, tau, la_tau, str(table.ids.get("cache_id")), stream)
-    path = out / "folds" / f"fold{k}.json"
-    if path.exists() and not overwrite:
-        done = json.loads(path.read_text())
-        if done.get("key") == key:
-            log.info("fold %d: finished grid kept (%s)", k, path)
-            return done
+def grid_key(configs: list[HeadConfig], cache_id: str) -> str:
+    """What a fold's grid record is a function of (its losses, the shared settings, the cache)."""
+    return config_hash({"specs": [to_dict(c.loss) for c in configs], **configs[0].record(), "cache_id": cache_id})
+
+
+def _kept(path: Path, key: str, overwrite: bool) -> dict | None:
+    """A finished fold's record of this grid, None when it must run; refuses another grid's."""
+    if overwrite or not path.exists():
+        return None
+    done = json.loads(path.read_text())
+    if done.get("key") != key:
         raise WbcError(f"{path} holds a grid with other settings or another cache; pass --overwrite "
                        "or choose another --out")
-    t0 = time.perf_counter()
-    data = prepare_fold(table, k, cfg, stream)
-    fits, posts = train_fold(data, specs, cfg, tau, la_tau, desc=f"ablate fold {k} ({len(specs)} heads)")
-    seconds = time.perf_counter() - t0
-    results = [{"label": s.label(), "best_epoch": f.best_epoch, "tau": p.tau, "metrics": p.metrics}
-               for s, f, p in zip(specs, fits, posts)]
+    log.info("fold %d: finished grid kept (%s)", done["fold"], path)
+    return done
+
+
+def _fold(caches: FoldCaches, k: int, out: Path, configs: list[HeadConfig], key: str, save_heads: bool) -> dict:
+    data = caches.get(k)
+    heads = fit(data, k, configs, desc=f"ablate fold {k} ({len(configs)} heads)")
+    results = [{"label": c.loss.label(), "best_epoch": h.training["best_epoch"], "tau": h.tau,
+                "metrics": h.training["metrics"]} for c, h in zip(configs, heads)]
     if save_heads:
-        for s, f, p in zip(specs, fits, posts):
-            config = {**run_config(s, cfg, tau, la_tau, stream), "val_fold": k, "cache": str(cache_path(cache, k))}
-            Head(f.weight, f.bias, table.class_names, p.tau, p.logit_adjust, table.ids, config, k).save(
-                out / "heads" / _slug(s.label()) / f"fold{k}" / "head.pt")
+        for c, h in zip(configs, heads):
+            h.save(out / "heads" / _slug(c.loss.label()) / f"fold{k}" / "head.pt")
+    seconds = heads[0].training["seconds"]
     record = {"key": key, "fold": k, "seconds": seconds, "results": results,
-              "stage1": stage1_val_metrics(table, data.val)}
+              "stage1": stage1_val_metrics(data, k), "ran": heads[0].training["ran"]}
+    path = out / "folds" / f"fold{k}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
-    log.info("fold %d: %d heads in %.1f s", k, len(specs), seconds)
+    with atomic_write(path) as f:
+        f.write(json.dumps(record, indent=1))
+    log.info("fold %d: %d heads in %.1f s", k, len(configs), seconds)
     return record
 
 
@@ -159,8 +152,3 @@ def write_tables(rows: list[AblateRow], out: Path, folds: list[int]) -> dict[str
         lines.append(f"| {'* ' if r.best else ''}{r.label} | " + " | ".join(cells) + " |")
     md_path.write_text("\n".join(lines) + "\n")
     return {"csv": csv_path, "md": md_path}
-
-
-def best_row(rows: list[AblateRow]) -> AblateRow:
-    return next(r for r in rows if r.best)
-

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from wbc.backbones import CHECKPOINT_FORMAT
+from wbc.backbones import CHECKPOINT_FORMAT, load_file
 from wbc.errors import WbcError
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,9 @@ def stage1_dict(
 
 def load_last(path: Path) -> dict:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a damaged file of any kind gets the same advice
-        raise WbcError(f"cannot read {path} ({type(e).__name__}); rerun with --overwrite") from None
+        ckpt = load_file(path, "last.pt")  # weights_only: tensors and plain values, never code
+    except WbcError as e:
+        raise WbcError(f"{e}; rerun with --overwrite") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "train_state" not in ckpt:
         raise WbcError(f"{path} is not a Stage-1 last.pt; rerun with --overwrite")
     return ckpt

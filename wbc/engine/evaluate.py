@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,10 @@ from wbc.ensemble import (
     view_probs,
 )
 from wbc.errors import WbcError
+from wbc.folds import TEST
 from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
 
 log = logging.getLogger(__name__)
-TEST = -1
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class RowResult:
     members: tuple[str, ...]
     folds: list[dict] = field(default_factory=list)  # per-fold metrics (+ ece, temperature)
     confusion: np.ndarray | None = None  # summed over folds
+    probs: list[np.ndarray] = field(default_factory=list)  # per fold (N, C): what the report draws
+    labels: np.ndarray | None = None  # (N,) true class, -1 = unlabelled
+    index: np.ndarray | None = None  # (N,) image-store row
 
     def stat(self, key: str) -> tuple[float, float]:
         v = np.array([f[key] for f in self.folds], np.float64)
@@ -56,7 +60,32 @@ class RowResult:
 
 
 def table_rows(models: list[ModelSpec], ensembles: bool = True) -> list[tuple[str, str, tuple[str, ...], bool]]:
-    """(row name, kind, member names, decoupled?) in the paper's order."""
+    """(row name, kind, member names, decoupled?) in the paper's order, without repeats: a row whose
+    members are the same (cache, head) pairs as an earlier row's scores identically and is left out."""
+    rows, seen = [], set()
+    for row in _all_rows(models, ensembles):
+        key = row_key(models, row[2], row[3])
+        if key in seen:
+            log.info("%s left out: the same members as an earlier row (identical scores)", row[0])
+            continue
+        seen.add(key)
+        rows.append(row)
+    return rows
+
+
+def row_key(models: list[ModelSpec], members: tuple[str, ...], decoupled: bool) -> frozenset:
+    """What a row averages: each distinct (caches, heads) pair with its share of the members (a mean
+    of equal members is that member; (2A + B) / 3 is not (A + B) / 2)."""
+    by = {m.name: m for m in models}
+
+    def real(paths) -> tuple[Path, ...]:
+        return tuple(Path(q).resolve() for q in paths)
+
+    keys = [(real(by[n].caches), real(by[n].heads) if decoupled else ()) for n in members]
+    return frozenset((k, Fraction(keys.count(k), len(keys))) for k in set(keys))
+
+
+def _all_rows(models: list[ModelSpec], ensembles: bool) -> list[tuple[str, str, tuple[str, ...], bool]]:
     rows = [(f"Supervised {m.name}", "supervised", (m.name,), False) for m in models]
     rows += [(f"Decoupled {m.name}", "decoupled", (m.name,), True) for m in models if m.heads]
     decoupled = all(m.heads for m in models)
@@ -119,6 +148,8 @@ def evaluate_table(
                 temps = [fit_temperature(val[n].logits, val[n].labels) for n in members]
             probs = np.mean([view_probs(o.logits, t) for o, t in zip(outs, temps)], axis=0)
             res.folds.append(_score(probs, outs[0], ece_bins, temps))
+            res.probs.append(probs.astype(np.float32))
+            res.labels, res.index = outs[0].labels, outs[0].index
             cm = res.folds[-1].pop("confusion")
             res.confusion = cm if res.confusion is None else res.confusion + cm
             class_names = outs[0].class_names

@@ -108,19 +108,22 @@ def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | 
         raise WbcError(f"{source}: no readable image has a label the model can produce "
                        f"({lm.scored_labels}); check --label-map")
     names = row_names(ens.members)
-    rows = []
-    if len(names) > 1:
-        rows = [score_row(n, "member", (n,), p, y, lm) for n, p in zip(names, probs)]
-    ens_name = f"Ensemble ({len(names)} members)" if len(names) > 1 else names[0]
+    # A member listed twice (same checkpoint and head) scores identically: one row for it.
+    same = [(m["checkpoint_sha256"], str(m.get("head"))) for m in ens.members]
+    uniq = [i for i in range(len(names)) if same.index(same[i]) == i]
+    rows = [score_row(names[i], "member", (names[i],), probs[i], y, lm) for i in uniq] if len(uniq) > 1 else []
+    ens_name = f"Ensemble ({len(names)} members)" if len(uniq) > 1 else names[0]
     ensemble = probs.mean(axis=0)
     rows.append(score_row(ens_name, "ensemble", tuple(names), ensemble, y, lm))
     dropped = lm.score(ensemble, y).dropped
     out = Path(out)
-    title = title or f"External set {Path(source).name}"
+    src = Path(source)  # name the set, not just its file: every manifest is called manifest.csv
+    title = title or f"External set {src.parent.name + '/' if src.is_file() else ''}{src.name} ({len(paths)} images)"
     paths_out = write_external_report(rows, lm, out, title, {
         "source": str(source), "ensemble": str(ensemble_path), "n_images": len(paths),
         "n_scored": rows[-1].folds[0]["n"], "dropped": dropped, "failed": failed,
-        "set_counts": dict(Counter(labels)), "zoom": zoom,
+        "set_counts": dict(Counter(labels)), "zoom": zoom, "title": title,
+        "scored": f"external set {source} ({len(paths)} images) through the full predict path of {ensemble_path}",
     })
     paths_out["predictions"] = _write_predictions(
         out / "predictions.csv", [p for p, good in zip(paths, ok) if good], y, ensemble, lm)
@@ -210,5 +213,7 @@ def write_external_report(rows: list[RowResult], lm: LabelMap, out: Path, title:
     doc = to_json(rows, labels, {**extra, "label_map": lm.to_dict(), "unmapped_model": lm.unmapped_model,
                                  "unscorable": lm.unscorable})
     paths["json"].write_text(json.dumps(doc, indent=1, default=float))
-    confusion_png(rows[-1].confusion, labels, rows[-1].name, paths["png"])
+    f = rows[-1].folds[0]
+    confusion_png(rows[-1].confusion, labels, title, paths["png"],
+                  f"{rows[-1].name}: n = {f['n']} cells, Macro-F1 {100 * f['mf1']:.1f}")
     return paths

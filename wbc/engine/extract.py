@@ -20,7 +20,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
@@ -34,9 +33,11 @@ from wbc.cache import block_rows, done_blocks, mark_complete, open_for_writing, 
 from wbc.config import file_sha256, to_dict
 from wbc.data import crop_images, normalize
 from wbc.device import amp_dtype
+from wbc.engine.extract_config import ExtractConfig
 from wbc.engine.extract_dist import Dist, setup
 from wbc.engine.extract_plan import check_pairing, prepare_output, resolve_checkpoint, row_table
 from wbc.errors import WbcError
+from wbc.fsutil import check_writable, output_lock
 from wbc.log import progress
 from wbc.store import ImageStore, open_store
 from wbc.views import apply_views, resolve_views
@@ -48,26 +49,11 @@ log = logging.getLogger(__name__)
 ImageFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
-    views: str = "d4"  # the 8 symmetries of the square: label-preserving and pairwise distinct
-    batch_size: int = 0  # images per forward pass (each gives K views); 0 = 32 on GPU, 8 on CPU
-    # Loader processes reading + cropping row blocks; -1 = auto: none on CPU (decoding is <1% of a
-    # CPU forward, while a forked worker costs ~5-10% in copy-on-write faults), min(8, cores) on GPU.
-    workers: int = -1
-    device: str = "auto"
-    amp: bool = True  # bf16/fp16 autocast on CUDA (features are stored as fp16 anyway); CPU is fp32
-    channels_last: bool = True  # faster convolutions on GPUs and oneDNN CPUs
-    chunk_rows: int = 0  # rows per cache chunk; 0 = ~4 MiB of features (wbc.cache.default_chunk_rows)
-    overwrite: bool = False  # replace an existing complete (or foreign partial) output
-    other_store: bool = False  # allow a store other than the checkpoint's (an external test set)
-
-
 def extract(
     source: str | Path,
     store: str | Path | ImageStore,
     out: str | Path,
-    cfg: ExtractConfig = ExtractConfig(),
+    cfg: ExtractConfig | None = None,
     *,
     group: str | None = None,
     image_fn: ImageFn | None = None,
@@ -81,14 +67,18 @@ def extract(
     the features of images passed through image_fn (image_transform names it for provenance).
     Returns a summary (path, rows, views, dim, blocks written, timings).
     """
+    cfg = cfg or ExtractConfig()
+    check_writable(out, "feature cache")
     if (image_fn is None) != (image_transform is None):
         raise ValueError("image_fn and image_transform (its name, for provenance) go together")
     ckpt = resolve_checkpoint(source)
     st = store if isinstance(store, ImageStore) else open_store(store)
     views = resolve_views(cfg.views)
     d = setup(cfg.device)
+    held = contextlib.ExitStack()
     try:
-        with torch.inference_mode():
+        d.checked(lambda: _claim(Path(out), held), main_only=True)
+        with held, torch.inference_mode():
             return _run(ckpt, st, Path(out), cfg, views, d, group, image_fn, image_transform, rows)
     except OSError as e:  # creating the store or marking it complete; block writes say it themselves
         if e.errno == errno.ENOSPC:
@@ -97,6 +87,12 @@ def extract(
         raise
     finally:
         d.close()
+
+
+def _claim(out: Path, held: contextlib.ExitStack) -> None:
+    """No other process may be writing `out`: the lock is held until the cache is complete, so
+    an --overwrite elsewhere cannot interleave its blocks with ours."""
+    held.enter_context(output_lock(out))
 
 
 def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, rows) -> dict:

@@ -21,6 +21,7 @@ import yaml
 from wbc.config import file_sha256
 from wbc.device import resolve_device
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write, check_writable, output_lock
 from wbc.log import progress
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,16 @@ def save_ensemble(members: list[str], store_path: Path, views: str, out: Path,
                 f"{ckpt} was trained on store {meta.get('store_content_id')}, not {store_path} "
                 f"({store.content_id}): its stain template would not match"
             )
+        sha = file_sha256(ckpt)
         entry = {"name": f"{meta.get('alias', meta['timm_name'])}-fold{meta.get('fold')}",
-                 "checkpoint": _rel(Path(ckpt), base), "checkpoint_sha256": file_sha256(ckpt),
+                 "checkpoint": _rel(Path(ckpt), base), "checkpoint_sha256": sha,
                  "head": _rel(Path(head), base) if head else None}
         if head:
             h = load_head(head)
             if list(h.class_names) != classes:
                 raise WbcError(f"{head}: classes {list(h.class_names)} differ from {classes}")
+            check_head_checkpoint(h.cache.get("checkpoint_sha256"), sha, head, ckpt)
+            entry["head_sha256"] = file_sha256(head)  # pinned: a replaced head is refused on load
         if caches:
             entry["cache"] = _rel(_checked_cache(caches[i], ckpt, store), base)
         entries.append(entry)
@@ -77,8 +81,16 @@ def save_ensemble(members: list[str], store_path: Path, views: str, out: Path,
            "store": {"path": _rel(Path(store_path), base), "content_id": store.content_id,
                      "provenance": store.provenance}, "members": entries}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with atomic_write(out) as f:
+        f.write(yaml.safe_dump(doc, sort_keys=False))
     return out
+
+
+def check_head_checkpoint(trained_on: str | None, sha: str, head, ckpt) -> None:
+    """A head only fits the embeddings of the checkpoint whose features it was trained on."""
+    if trained_on and trained_on != sha:
+        raise WbcError(f"head {head} was trained on features of checkpoint {trained_on[:12]}, but "
+                       f"{ckpt} is {sha[:12]}: pair each head with its own fold's checkpoint")
 
 
 def _checked_cache(cache: str | Path, ckpt: str, store) -> Path:
@@ -112,7 +124,14 @@ def load_ensemble(path: Path) -> Ensemble:
             raise WbcError(f"{path}: member checkpoint {ckpt} not found")
         if file_sha256(ckpt) != m["checkpoint_sha256"]:
             raise WbcError(f"{path}: checkpoint {ckpt} changed since the ensemble was saved (sha256 differs)")
-        members.append({**m, "checkpoint": ckpt, "head": base / m["head"] if m.get("head") else None,
+        head = base / m["head"] if m.get("head") else None
+        if head is not None and m.get("head_sha256"):
+            if not head.is_file():
+                raise WbcError(f"{path}: member head {head} not found")
+            if file_sha256(head) != m["head_sha256"]:
+                raise WbcError(f"{path}: head {head} changed since the ensemble was saved (sha256 "
+                               "differs); rerun `wbc ensemble save` if the new head is intended")
+        members.append({**m, "checkpoint": ckpt, "head": head,
                         "cache": base / m["cache"] if m.get("cache") else None})
     return Ensemble(doc["class_names"], doc["views"], doc["store"]["provenance"], members)
 
@@ -126,11 +145,12 @@ def list_images(source: Path) -> tuple[list[Path], list[str | None]]:
             raise WbcError(f"{source}: no images ({', '.join(sorted(IMAGE_EXT))}) found")
         return paths, [None] * len(paths)
     if source.is_file() and source.suffix.lower() == ".csv":
-        with open(source, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or "image" not in rows[0]:
-            raise WbcError(f"{source}: a CSV needs an 'image' column (paths relative to the CSV)")
-        return [source.parent / r["image"] for r in rows], [r.get("label") or None for r in rows]
+        from wbc.csvio import read_csv  # UTF-8 with or without BOM; bad lines named
+
+        _, rows = read_csv(source, ("image",))
+        if not rows:
+            raise WbcError(f"{source}: no rows; a CSV needs an 'image' column (paths relative to the CSV)")
+        return [source.parent / r["image"] for _, r in rows], [r.get("label") or None for _, r in rows]
     raise WbcError(f"{source}: give a folder of images or a CSV with an 'image' column")
 
 
@@ -176,6 +196,7 @@ def member_probs(ensemble: Ensemble, paths: list[Path], batch_size: int = 32, de
     from wbc.stain import preprocess_like_store
 
     zoom = check_zoom(zoom)
+    _check_batch(batch_size)
     dev = resolve_device(device)
     members = [_Member(m, dev) for m in ensemble.members]
     out: list[list[np.ndarray]] = [[] for _ in members]
@@ -201,17 +222,24 @@ def member_probs(ensemble: Ensemble, paths: list[Path], batch_size: int = 32, de
     return probs, ok, failed
 
 
+def _check_batch(batch_size: int) -> None:
+    if batch_size < 1:
+        raise WbcError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
             device: str = "auto", zoom: float = 1.0) -> PredictResult:
     """Classify every image of `source`; write CSV rows image, predicted, prob_<class>...
     zoom: rescale each image's content within its frame first (another scanner's magnification)."""
-    ens = load_ensemble(ensemble_path)
-    paths, _labels = list_images(source)
-    probs, ok, failed = member_probs(ens, paths, batch_size, device, zoom)
-    probs = probs.mean(axis=0)
-    names = [p for p, good in zip(paths, ok) if good]
-    rows = [(str(n), ens.class_names[int(q.argmax())], *map(float, q)) for n, q in zip(names, probs)]
-    return _write(out, rows, failed, ens.class_names, [probs])
+    _check_batch(batch_size)
+    with output_lock(check_writable(out, "predictions")):  # before hours of compute, not after
+        ens = load_ensemble(ensemble_path)
+        paths, _labels = list_images(source)
+        probs, ok, failed = member_probs(ens, paths, batch_size, device, zoom)
+        probs = probs.mean(axis=0)
+        names = [p for p, good in zip(paths, ok) if good]
+        rows = [(str(n), ens.class_names[int(q.argmax())], *map(float, q)) for n, q in zip(names, probs)]
+        return _write(out, rows, failed, ens.class_names, [probs])
 
 
 def _write(out, rows, failed, class_names, all_probs) -> PredictResult:
@@ -225,9 +253,11 @@ def _write(out, rows, failed, class_names, all_probs) -> PredictResult:
     tmp.replace(out)  # a partial CSV is never left under the final name
     result = PredictResult(out, len(rows), failed,
                            probs=np.concatenate(all_probs) if all_probs else np.zeros((0, len(class_names))))
+    failed_path = out.with_name(out.stem + ".failed.csv")
+    failed_path.unlink(missing_ok=True)  # a list from an earlier run must not describe this one
     if failed:
-        result.failed_path = out.with_name(out.stem + ".failed.csv")
-        with open(result.failed_path, "w", newline="") as f:
+        result.failed_path = failed_path
+        with atomic_write(result.failed_path, newline="") as f:
             csv.writer(f).writerows([("image", "reason"), *failed])
         log.warning("%d images could not be read (listed in %s)", len(failed), result.failed_path)
     return result

@@ -27,10 +27,10 @@ from wbc.cache import group_path, open_cache, open_group, read_attrs
 from wbc.degrade import DEGRADATIONS, MAX_SEVERITY, degrade_batch, describe, names
 from wbc.ensemble import Member, member_output, view_probs
 from wbc.errors import WbcError
+from wbc.folds import TEST
 from wbc.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
-TEST = -1
 
 
 @dataclass(frozen=True)

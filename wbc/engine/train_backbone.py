@@ -8,6 +8,7 @@ optimizer, scheduler, scaler and early-stopping state travel in last.pt.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -29,6 +30,8 @@ from wbc.engine.loops import NonFiniteLoss, StepSetup, predict, train_epoch
 from wbc.engine.lp_ft import check_recipe, linear_probe, save_frozen
 from wbc.engine.train_config import TrainConfig
 from wbc.errors import WbcError
+from wbc.folds import resolve_folds
+from wbc.fsutil import check_writable, output_lock
 from wbc.log import progress
 from wbc.metrics import classification_metrics
 from wbc.store import ImageStore, open_store
@@ -39,20 +42,6 @@ log = logging.getLogger(__name__)
 EpochHook = Callable[[int, torch.nn.Module], None]
 
 
-def resolve_folds(store: ImageStore, fold: int | str | Sequence[int]) -> list[int]:
-    n = store.num_folds
-    if fold == "all":
-        return list(range(n))
-    try:
-        folds = [int(f) for f in str(fold).split(",")] if isinstance(fold, (int, str)) else [int(f) for f in fold]
-    except ValueError:
-        raise WbcError(f"--fold {fold!r}: give a fold index 0..{n - 1}, a list like 0,2, or 'all'") from None
-    bad = [f for f in folds if not 0 <= f < n]
-    if bad:
-        raise WbcError(f"fold {bad[0]} out of range: {store.path} has folds 0..{n - 1} (or use --fold all)")
-    return folds
-
-
 def train(
     store_path: str | Path, out: str | Path, cfg: TrainConfig, fold: int | str | Sequence[int] = 0,
     resume: bool = False, overwrite: bool = False, on_epoch_end: EpochHook | None = None,
@@ -60,18 +49,34 @@ def train(
     """Train each requested fold in turn (`fold`: an index, a list, or "all"); returns fold dirs."""
     resolve_name(cfg.backbone)  # fail on a bad name before any work
     check_recipe(cfg.recipe)
+    check_writable(out, "run directory")
     cfg = dataclasses.replace(cfg, resize=cfg.resize or crop_resize(cfg.crop))  # record the resolved side
     store = open_store(store_path)
-    folds = resolve_folds(store, fold)
+    folds = resolve_folds(fold, range(store.num_folds), str(store.path))
     env = dist.setup(cfg.device)
     try:
         return [
-            train_fold(store, Path(out) / f"fold{k}", dataclasses.replace(cfg, fold=k), env,
+            _locked_fold(store, Path(out) / f"fold{k}", dataclasses.replace(cfg, fold=k), env,
                        resume=resume, overwrite=overwrite, on_epoch_end=on_epoch_end)
             for k in folds
         ]
     finally:
         dist.teardown(env)
+
+
+def _locked_fold(store: ImageStore, run: Path, cfg: TrainConfig, env: dist.DistEnv, **kw) -> Path:
+    """train_fold while rank 0 holds the run dir's lock (RUN.lock): a second job training the
+    same fold is refused, on every rank, before it touches the run dir (--overwrite included)."""
+    with contextlib.ExitStack() as held:
+        err = None
+        if env.is_main:
+            try:
+                held.enter_context(output_lock(run))
+            except WbcError as e:
+                err = e
+        if dist.any_true(env, err is not None):
+            raise err or WbcError(f"{run} is being written by another job (see rank 0)")
+        return train_fold(store, run, cfg, env, **kw)
 
 
 def _split(store: ImageStore, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -237,7 +242,7 @@ def _oom_error(cfg: TrainConfig, micro: int, run: Path) -> WbcError:
 
 
 def _mark_best_complete(path: Path) -> None:
-    best = torch.load(path, map_location="cpu", weights_only=False)
+    best = torch.load(path, map_location="cpu", weights_only=True)  # our own file, plain types
     best["complete"] = True
     ckp.save_atomic(best, path)
 

@@ -31,3 +31,19 @@ class TrainConfig:
     workers: int = 2  # DataLoader worker processes
     preload: bool = True  # decode and crop every image once into RAM
     seed: int = 0  # fixes init, sampling order and augmentation
+
+    def __post_init__(self) -> None:
+        """Refuse impossible values here, so `wbc train` and Python callers fail before any work."""
+        from wbc.errors import WbcError
+
+        at_least = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "patience": 1, "crop": 8,
+                    "randaugment_ops": 0, "randaugment_magnitude": 0, "resize": 0, "workers": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise WbcError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise WbcError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.min_lr < 0:
+            raise WbcError(f"--weight-decay and min_lr must be >= 0, got {self.weight_decay}, {self.min_lr}")
+        if self.resize and self.resize < self.crop:
+            raise WbcError(f"--resize {self.resize} is smaller than --crop {self.crop}")

@@ -1,4 +1,4 @@
-"""Stage 2 (cRT): linear heads trained on cached embeddings, G heads at once.
+"""The Stage-2 trainer: linear heads trained on cached embeddings, G heads at once.
 
 `fit_heads` trains G freshly initialised linear heads (D -> C) on one shared stream of batches:
 the G heads are one fused Linear(D, G*C), so a step is one (B x D) @ (D x G*C) matmul, and each
@@ -20,40 +20,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wbc.engine.validate_heads import headline_from_confusion, val_confusion
-from wbc.errors import WbcError
 from wbc.log import progress
-from wbc.losses import LossSpec, StackedLoss, check_spec, head_losses_and_grad
-from wbc.sampling import SAMPLERS, epoch_draws
+from wbc.losses import LossSpec
+from wbc.sampling import epoch_draws
+from wbc.stage2.batched_loss import StackedLoss, head_losses_and_grad
+from wbc.stage2.config import HeadConfig
+from wbc.stage2.validate import headline_from_confusion, val_confusion
 
 log = logging.getLogger(__name__)
 
 # The CPU/CUDA kernel behind torch.optim.AdamW(fused=True) (an aten op, no torch.optim import);
 # older torch falls back to the written-out update below.
 _FUSED_ADAMW = getattr(torch, "_fused_adamw_", None)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Stage-2 optimisation settings; defaults are the paper's cRT recipe."""
-
-    sampler: str = "class_balanced"  # weight 1/n_y, with replacement; 'instance' = plain
-    lr: float = 1e-3  # AdamW, cosine to 0 over `epochs` (per step, no warm-up)
-    weight_decay: float = 5e-4  # the cRT paper's (Kang et al. 2020) value
-    epochs: int = 50
-    batch_size: int = 256
-    patience: int = 10  # epochs without a better validation MF1 before a head stops
-    seed: int = 0
-    memory_gb: float = 4.0  # feature data held in memory at most; larger caches are streamed
-    threads: int = 0  # torch threads (0 = torch's default); not part of the result
-
-    def check(self) -> None:
-        SAMPLERS.get(self.sampler)
-        for name in ("lr", "epochs", "batch_size", "patience", "memory_gb"):
-            if not getattr(self, name) > 0:
-                raise WbcError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.weight_decay < 0:
-            raise WbcError(f"--weight-decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -89,7 +67,7 @@ class _Fused:
 
     BETAS, EPS, PAD = (0.9, 0.999), 1e-8, 16
 
-    def __init__(self, w0: torch.Tensor, b0: torch.Tensor, g: int, cfg: TrainConfig, fused: bool = True):
+    def __init__(self, w0: torch.Tensor, b0: torch.Tensor, g: int, cfg: HeadConfig, fused: bool = True):
         self.c, self.cfg, self.t, self.fused = w0.shape[0], cfg, 0, fused
         self.steps = [torch.zeros(()), torch.zeros(())]  # the fused kernel reads the step count here
         self._set(w0.repeat(g, 1), b0.repeat(g))
@@ -155,15 +133,13 @@ class _EarlyStopping:
 
 
 def fit_heads(source, train_labels: np.ndarray, val_labels: np.ndarray, specs: list[LossSpec],
-              cfg: TrainConfig, num_classes: int, dim: int, desc: str = "cRT") -> list[HeadFit]:
+              cfg: HeadConfig, num_classes: int, dim: int, desc: str = "cRT") -> list[HeadFit]:
     """Train len(specs) heads at once; each keeps the weights of its best validation MF1 epoch.
 
-    source: an InMemorySource or StreamedSource; train_labels (Nt,) and val_labels (Nv,) in its
-    training / validation row order. Returns one HeadFit per spec, in order.
+    source: `FoldSplit.source(...)` (InMemoryRows or StreamedRows); train_labels (Nt,) and
+    val_labels (Nv,) in its training / validation row order; cfg: the training settings (its loss
+    is ignored: `specs` give each head's). Returns one HeadFit per spec, in order.
     """
-    for s in specs:
-        check_spec(s)
-    cfg.check()
     G, C = len(specs), num_classes
     all_loss = StackedLoss.build(specs, np.bincount(train_labels, minlength=C))
     w0, b0 = init_head(C, dim, cfg.seed)
@@ -201,7 +177,7 @@ def fit_heads(source, train_labels: np.ndarray, val_labels: np.ndarray, specs: l
                     float(stop.best[g]), history[g]) for g in range(G)]
 
 
-def _epoch(fused: _Fused, source, loss: StackedLoss, train_labels, y_train, cfg: TrainConfig, c: int,
+def _epoch(fused: _Fused, source, loss: StackedLoss, train_labels, y_train, cfg: HeadConfig, c: int,
            rngs, total: int) -> tuple[torch.Tensor, float]:
     """One epoch of draws through the fused heads; returns each active head's mean loss and the
     last learning rate (cosine over all steps of all epochs, per step)."""

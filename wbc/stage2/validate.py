@@ -2,7 +2,8 @@
 grow with the validation set), headline metrics from them, and the post-hoc choices (tau
 normalisation, logit adjustment) picked on validation.
 
-Predictions follow docs: softmax of each view's logits, averaged over the K views, argmax.
+Predictions are the argmax of `wbc.heads.view_mean_softmax` (softmax of each view's logits,
+averaged over the K views), as for a saved head and an ensemble member.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wbc.heads import TAU_GRID, prior_adjustment, tau_logits
+from wbc.heads import TAU_GRID, prior_adjustment, tau_logits, view_mean_softmax
 from wbc.metrics import HEADLINE, classification_metrics, per_class
 
 _FROM_PER_CLASS = {"mf1": "f1", "bacc": "recall", "mp": "precision", "mspec": "specificity"}
@@ -35,8 +36,7 @@ def headline_from_confusion(cm: np.ndarray) -> dict:
 
 def _vote(z: torch.Tensor, k: int, num_classes: int) -> torch.Tensor:
     """(b*K, G*C) logits -> (b, G) argmax of the view-averaged softmax."""
-    probs = torch.softmax(z.reshape(-1, k, z.shape[1] // num_classes, num_classes), dim=-1).mean(dim=1)
-    return probs.argmax(-1)
+    return view_mean_softmax(z.reshape(-1, k, z.shape[1] // num_classes, num_classes), view_dim=1).argmax(-1)
 
 
 def _count(cm: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, num_classes: int) -> None:
@@ -91,6 +91,12 @@ def post_hoc(fits, source, val_labels: np.ndarray, counts: np.ndarray, tau: floa
     out = []
     for h in range(g):
         scored = [headline_from_confusion(cm[i, h].numpy()) for i in range(len(taus))]
-        best = max(range(len(taus)), key=lambda i: scored[i]["mf1"])  # first (smallest) tau on ties
+        best = pick_best([s["mf1"] for s in scored])
         out.append(PostHoc(taus[best], adjust, scored[best]))
     return out
+
+
+def pick_best(scores: list[float]) -> int:
+    """Index of the highest score, the first on ties: a head's tau is the one with the best
+    validation MF1, the smallest on ties (as early stopping keeps the earliest epoch on ties)."""
+    return max(range(len(scores)), key=lambda i: scores[i])

@@ -1,0 +1,95 @@
+"""Grad-CAM (Selvaraju et al. 2017) on a Stage-1 backbone's last feature map, for report galleries.
+
+For a target class c, the map is ReLU(sum_k w_k A_k) with A (K, h, w) the backbone's last feature
+map (`model.forward_features`) and w_k = mean over h, w of d logit_c / d A_k; upsampled bilinearly
+to the input crop and scaled to [0, 1] per image. The logit is the Stage-2 head's when one is given
+(the classifier the report scores: pooled embedding -> head), else the Stage-1 classifier's.
+Only gallery cells get a map (a capped number): it is the one backbone pass a report makes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wbc.errors import WbcError
+
+
+def _nchw(feats: torch.Tensor, num_features: int | None) -> torch.Tensor:
+    """timm CNNs give (B, C, h, w); Swin-style models give (B, h, w, C): return (B, C, h, w)."""
+    if feats.ndim != 4:
+        raise WbcError(f"Grad-CAM needs a spatial feature map (B, C, h, w); this backbone gives "
+                       f"{tuple(feats.shape)} (a token sequence?)")
+    if num_features and feats.shape[1] != num_features and feats.shape[-1] == num_features:
+        return feats.permute(0, 3, 1, 2)
+    return feats
+
+
+def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | np.ndarray,
+             head: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
+    """Grad-CAM maps. x: (B, 3, H, W) float32 normalised; target: (B,) class indices;
+    head: optional (weight (C, D), bias (C,)) applied to the pooled embedding.
+
+    Returns (B, H, W) float32 in [0, 1] (an all-zero map where the gradient gives no positive evidence).
+    """
+    model.eval()
+    target = torch.as_tensor(np.asarray(target), dtype=torch.long, device=x.device)
+    with torch.no_grad():
+        raw = model.forward_features(x)
+    nchw = _nchw(raw, getattr(model, "num_features", None))
+    swapped = nchw is not raw
+    # Grad-CAM needs d logit / d map only: the backbone below the map runs without a graph.
+    nchw = nchw.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        raw = nchw.permute(0, 2, 3, 1) if swapped else nchw
+        emb = model.forward_head(raw, pre_logits=True)
+        logits = emb @ head[0].t().to(emb) + head[1].to(emb) if head is not None else model.get_classifier()(emb)
+        score = logits.gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, nchw)
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * nchw.detach()).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return (cam / peak).float().cpu().numpy()
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """image: (H, W, 3) uint8, cam: (H, W) in [0, 1] -> (H, W, 3) uint8 with a jet-like colour map."""
+    c = np.clip(cam, 0, 1)[..., None]
+    # A small jet ramp (blue -> cyan -> yellow -> red) without importing matplotlib.
+    r = np.clip(1.5 - np.abs(4 * c - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * c - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * c - 1), 0, 1)
+    heat = np.concatenate([r, g, b], -1) * 255
+    a = alpha * (0.25 + 0.75 * c)  # weak evidence stays see-through
+    return np.clip((1 - a) * image + a * heat, 0, 255).astype(np.uint8)
+
+
+def backbone_cams(checkpoint, images: np.ndarray, target: np.ndarray, head_path=None,
+                  device: str = "cpu", batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM of a Stage-1 checkpoint (and optional Stage-2 head) on stored images.
+
+    images: (B, S, S, 3) uint8 as stored; target: (B,). Returns (crops (B, h, w, 3) uint8, the
+    identity view the backbone saw, and maps (B, h, w) float32 in [0, 1]).
+    """
+    from wbc.backbones import load_checkpoint
+    from wbc.data import crop_images, normalize
+    from wbc.device import resolve_device
+
+    device = resolve_device(device)
+    model, meta = load_checkpoint(checkpoint, device)
+    head = None
+    if head_path is not None:
+        from wbc.heads import load_head
+
+        head = load_head(head_path).effective()
+    dc = meta["data_config"]
+    crops = crop_images(images, dc)
+    maps = []
+    for s in range(0, len(crops), batch_size):
+        x = normalize(crops[s: s + batch_size].to(device), dc["mean"], dc["std"])
+        maps.append(grad_cam(model, x, np.asarray(target)[s: s + batch_size], head))
+    h, w = crops.shape[-2:]
+    cams = np.concatenate(maps) if maps else np.zeros((0, h, w), np.float32)
+    return crops.permute(0, 2, 3, 1).numpy(), cams
