@@ -75,7 +75,8 @@ def test_predict_equals_evaluate_from_cache(env):
     perm = [order[stored[int(i)]] for i in outs[0].index]
     np.testing.assert_allclose(result.probs[perm], ref, atol=2e-3)
     text = (env.dir / "pred.csv").read_text().splitlines()
-    assert text[0] == "image,predicted,prob_A,prob_B,prob_C" and len(text) == 1 + len(env.store)
+    assert text[0] == "image,predicted,confidence,ood_score,review,prob_A,prob_B,prob_C"
+    assert len(text) == 1 + len(env.store)
 
 
 def test_unreadable_images_are_listed_not_dropped(env, tmp_path):

@@ -2,7 +2,7 @@
 run by two source trees on one feature cache, and (optionally) two `tools/bench_crt.py` JSONs.
 
 Usage: .venv/bin/python tools/bench_stage2_refactor.py --old /tmp/h13-old \
-           --cache /work/main/cache/xlab/features/lite0-c160-fold0.zarr --fold 0 --out /tmp/h13-bench/real \
+           --cache cache/xlab/features/lite0-c160-fold0.zarr --fold 0 --out /tmp/h13-bench/real \
            [--bench-old old.json old2.json --bench-new new.json new2.json] [--section stage2-refactor]
            [--print-only]
 

@@ -45,13 +45,14 @@ def evaluate(
     calibrate: Annotated[bool, typer.Option(help="Fit a temperature per member on its validation fold.")] = False,
     title: Annotated[str | None, typer.Option(help="Report title.")] = None,
     ensembles: Annotated[bool, typer.Option(help="Add pairwise and all-model ensemble rows.")] = True,
-    ensemble: Annotated[Path | None, typer.Option(help="ENSEMBLE.yaml (from `wbc ensemble save`), with --external.")] = None,
+    ensemble: Annotated[Path | None, typer.Option(
+        help="ENSEMBLE.yaml (`wbc ensemble save`) or ADAPTED.yaml (`wbc adapt`), with --external.")] = None,
     external: Annotated[Path | None, typer.Option(
         help="Labelled set from elsewhere: CSV with image,label columns or a folder of class folders; "
         "classified through the full predict path of --ensemble.")] = None,
     label_map: LabelMapOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch (with --external).")] = 32,
-    zoom: ZoomOpt = 1.0,
+    zoom: ZoomOpt = None,
     device: Device = "auto",
     ablation: Annotated[Path | None, typer.Option(
         help="A `wbc ablate` output folder: report.html draws its grid as a heat map.")] = None,
@@ -135,10 +136,11 @@ def ensemble_save(
 @app.command()
 def predict(
     images: Annotated[Path, typer.Argument(help="Folder of images (searched recursively) or CSV with an 'image' column.")],
-    ensemble: Annotated[Path, typer.Option(help="ENSEMBLE.yaml from `wbc ensemble save`.")],
+    ensemble: Annotated[Path, typer.Option(help="ENSEMBLE.yaml from `wbc ensemble save`, or ADAPTED.yaml "
+                                           "from `wbc adapt`.")],
     out: Out = Path("predictions.csv"),
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
-    zoom: ZoomOpt = 1.0,
+    zoom: ZoomOpt = None,
     device: Device = "auto",
 ) -> None:
     """Classify new cells with the full path: stain template, resize/crop, K views, members, averaging."""

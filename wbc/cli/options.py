@@ -27,7 +27,7 @@ Degradations = Annotated[
         "jpeg, stain_jitter, none. Default: all.",
     ),
 ]
-ZoomOpt = Annotated[float, typer.Option(
+ZoomOpt = Annotated[str | None, typer.Option(
     help="Rescale each image's content within its frame before the store's resize, to match the training "
     "cells' scale (another camera or tighter crops): 0.6 = cells 0.6x as wide, padded with the background; "
-    "`tools/cell_scale.py` estimates it without labels.")]
+    "'auto' estimates it from the images without labels. Default: an adapted file's zoom, else 1.")]

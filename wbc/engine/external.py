@@ -91,16 +91,22 @@ def score_row(name: str, kind: str, members: tuple[str, ...], probs: np.ndarray,
 
 def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | Path,
                       label_map: str | Path | None = None, batch_size: int = 32,
-                      device: str = "auto", title: str | None = None, zoom: float = 1.0) -> ExternalResult:
+                      device: str = "auto", title: str | None = None,
+                      zoom: float | str | None = None) -> ExternalResult:
     """Classify and score the labelled set `source`; write report.md/json, confusion.png and
     predictions.csv under `out`. label_map: `MODEL=SET,...`, a .yaml/.csv file, or None.
-    zoom: rescale each image's content within its frame (match the training images' cell scale)."""
-    from wbc.engine.predict import load_ensemble, member_probs
-    ens = load_ensemble(Path(ensemble_path))
+    ensemble_path: ENSEMBLE.yaml or ADAPTED.yaml (`wbc adapt`). zoom: rescale each image's content
+    within its frame (match the training images' cell scale); 'auto' estimates it, None = the
+    adapted file's (1 for a plain ensemble)."""
+    from wbc.adapt.apply import load_for_scoring, resolve_zoom, score_images
+
+    ens, adaptation = load_for_scoring(ensemble_path)
     paths, labels = read_labelled(source)
     set_labels = sorted(set(labels))
     lm = LabelMap.parse(label_map, ens.class_names, set_labels)  # bad maps fail before any forward
-    probs, ok, failed = member_probs(ens, paths, batch_size, device, zoom, desc="external")
+    zoom = resolve_zoom(zoom, adaptation, ensemble_path, paths)
+    scored = score_images(ens, adaptation, paths, zoom, batch_size, device, desc="external")
+    probs, ok, failed = scored.member_probs, scored.ok, scored.failed
     if not ok.any():
         raise WbcError(f"{source}: none of the {len(paths)} images could be read (e.g. {failed[0][1]})")
     y = [lab for lab, good in zip(labels, ok) if good]
@@ -113,7 +119,7 @@ def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | 
     uniq = [i for i in range(len(names)) if same.index(same[i]) == i]
     rows = [score_row(names[i], "member", (names[i],), probs[i], y, lm) for i in uniq] if len(uniq) > 1 else []
     ens_name = f"Ensemble ({len(names)} members)" if len(uniq) > 1 else names[0]
-    ensemble = probs.mean(axis=0)
+    ensemble = scored.probs  # the members' mean (with the adapted target priors, if any)
     rows.append(score_row(ens_name, "ensemble", tuple(names), ensemble, y, lm))
     dropped = lm.score(ensemble, y).dropped
     out = Path(out)
@@ -124,9 +130,10 @@ def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | 
         "n_scored": rows[-1].folds[0]["n"], "dropped": dropped, "failed": failed,
         "set_counts": dict(Counter(labels)), "zoom": zoom, "title": title,
         "scored": f"external set {source} ({len(paths)} images) through the full predict path of {ensemble_path}",
+        "selective": _selective(scored, y, lm), "adapted": bool(adaptation.doc.get("format")),
     })
     paths_out["predictions"] = _write_predictions(
-        out / "predictions.csv", [p for p, good in zip(paths, ok) if good], y, ensemble, lm)
+        out / "predictions.csv", [p for p, good in zip(paths, ok) if good], y, ensemble, lm, scored)
     if failed:
         paths_out["failed"] = out / "failed.csv"
         with open(paths_out["failed"], "w", newline="") as f:
@@ -135,17 +142,32 @@ def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | 
     return ExternalResult(rows, lm.scored_labels, lm, paths_out, len(paths), failed, dropped)
 
 
+def _selective(scored, y: list[str], lm: LabelMap) -> dict:
+    """Risk-coverage and review flags over the scored cells (model confidence, mapped labels)."""
+    from wbc.selective import selective_report
+
+    s = lm.score(scored.probs, y)
+    review = None if scored.review is None else scored.review[s.kept]
+    return selective_report(s.y_true, s.y_pred, scored.confidence[s.kept], review, len(s.labels),
+                            scored.adaptation.doc.get("review") if scored.adaptation else None)
+
+
 def _write_predictions(path: Path, paths: list[Path], labels: list[str], probs: np.ndarray,
-                       lm: LabelMap) -> Path:
-    """Per image: its label, the predicted set label, the model's own class, coverage, probs."""
+                       lm: LabelMap, scored=None) -> Path:
+    """Per image: its label, the predicted set label, the model's own class, coverage,
+    confidence, ood_score, review, probs."""
     mass = probs @ lm.matrix()
+    n = len(paths)
+    ood = scored.ood if scored is not None and scored.ood is not None else [None] * n
+    review = scored.review if scored is not None and scored.review is not None else [None] * n
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", "label", "predicted", "model_class", "coverage",
-                    *[f"prob_{c}" for c in lm.model_classes]])
-        for p, y, q, m in zip(paths, labels, probs, mass):
+        w.writerow(["image", "label", "predicted", "model_class", "coverage", "confidence", "ood_score",
+                    "review", *[f"prob_{c}" for c in lm.model_classes]])
+        for p, y, q, m, o, r in zip(paths, labels, probs, mass, ood, review):
             w.writerow([str(p), y, lm.scored_labels[int(m.argmax())], lm.model_classes[int(q.argmax())],
-                        f"{m.sum():.4f}", *[f"{v:.4f}" for v in q]])
+                        f"{m.sum():.4f}", f"{q.max():.4f}", "" if o is None else f"{o:.3f}",
+                        "" if r is None else bool(r), *[f"{v:.4f}" for v in q]])
     return path
 
 
@@ -206,6 +228,9 @@ def write_external_report(rows: list[RowResult], lm: LabelMap, out: Path, title:
     absent = sorted({labels[i] for r in rows for i in r.folds[0]["absent"]})
     if absent:
         md += ["", f"Labels with no scored image (not averaged): {', '.join(absent)}"]
+    from wbc.selective import selective_markdown
+
+    md += selective_markdown(extra.get("selective"))
     md += ["", "## Per-class F1", "", per_class_table(rows, labels), "",
            f"Confusion matrix of {rows[-1].name}: confusion.png", ""]
     paths = {"md": out / "report.md", "json": out / "report.json", "png": out / "confusion.png"}

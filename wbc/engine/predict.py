@@ -15,14 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from wbc.config import file_sha256
-from wbc.device import resolve_device
 from wbc.errors import WbcError
 from wbc.fsutil import atomic_write, check_writable, output_lock
-from wbc.log import progress
 
 log = logging.getLogger(__name__)
 FORMAT = "wbc.ensemble/1"
@@ -163,92 +160,41 @@ class PredictResult:
     probs: np.ndarray | None = None
 
 
-class _Member:
-    """A loaded member: model, data config, optional Stage-2 head."""
-
-    def __init__(self, spec: dict, device: torch.device):
-        from wbc.backbones import load_checkpoint
-        from wbc.heads import load_head
-
-        self.model, self.meta = load_checkpoint(spec["checkpoint"], device)
-        self.head = load_head(spec["head"]) if spec.get("head") else None
-
-    def logits(self, images: np.ndarray, views: list[str], device: torch.device) -> np.ndarray:
-        """images: (B, S, S, 3) uint8 -> (B, K, C) float32 logits."""
-        from wbc.engine.extract import embed_views
-
-        feats, stage1 = embed_views(self.model, images, self.meta["data_config"], views, device)
-        if self.head is None:
-            return stage1
-        # The cache stores embeddings in fp16; round the same way so predict == evaluate.
-        return self.head.logits(feats.astype(np.float16).astype(np.float32))
-
-
-def member_probs(ensemble: Ensemble, paths: list[Path], batch_size: int = 32, device: str = "auto",
-                 zoom: float = 1.0, desc: str = "predict"):
-    """Each member's view-averaged probabilities through the predict path: the store's stain
-    template, [zoom], resize, each member's crop and views. Used by `predict` and external evaluation.
-
-    Returns probs (M, N_ok, C) float64, ok (N,) bool (image readable), failed [(path, reason)].
-    """
-    from wbc.ensemble import view_probs
-    from wbc.sources import check_zoom
-    from wbc.stain import preprocess_like_store
-
-    zoom = check_zoom(zoom)
-    _check_batch(batch_size)
-    dev = resolve_device(device)
-    members = [_Member(m, dev) for m in ensemble.members]
-    out: list[list[np.ndarray]] = [[] for _ in members]
-    ok = np.zeros(len(paths), bool)
-    failed = []
-    with progress() as bar:
-        task = bar.add_task(desc, total=len(paths), info=f"{len(members)} members")
-        for start in range(0, len(paths), batch_size):
-            batch = []
-            for i in range(start, min(start + batch_size, len(paths))):
-                try:
-                    batch.append(preprocess_like_store(paths[i], ensemble.provenance, zoom))
-                    ok[i] = True
-                except WbcError as e:
-                    failed.append((str(paths[i]), str(e)))
-            if batch:
-                imgs = np.stack(batch)
-                for j, m in enumerate(members):
-                    out[j].append(view_probs(m.logits(imgs, ensemble.views, dev)))
-            bar.advance(task, min(batch_size, len(paths) - start))
-    c = len(ensemble.class_names)
-    probs = np.stack([np.concatenate(p) if p else np.zeros((0, c)) for p in out])
-    return probs, ok, failed
-
-
 def _check_batch(batch_size: int) -> None:
     if batch_size < 1:
         raise WbcError(f"--batch-size must be at least 1, got {batch_size}")
 
 
 def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
-            device: str = "auto", zoom: float = 1.0) -> PredictResult:
-    """Classify every image of `source`; write CSV rows image, predicted, prob_<class>...
-    zoom: rescale each image's content within its frame first (another scanner's magnification)."""
+            device: str = "auto", zoom: float | str | None = None) -> PredictResult:
+    """Classify every image of `source`; write CSV rows image, predicted, confidence, ood_score,
+    review, prob_<class>... ensemble_path: ENSEMBLE.yaml or ADAPTED.yaml (`wbc adapt`).
+    zoom: rescale each image's content within its frame first (another scanner's magnification);
+    'auto' estimates it, None takes the adapted file's (1 for a plain ensemble)."""
+    from wbc.adapt.apply import load_for_scoring, resolve_zoom, score_images
+
     _check_batch(batch_size)
     with output_lock(check_writable(out, "predictions")):  # before hours of compute, not after
-        ens = load_ensemble(ensemble_path)
+        ens, adaptation = load_for_scoring(ensemble_path)
         paths, _labels = list_images(source)
-        probs, ok, failed = member_probs(ens, paths, batch_size, device, zoom)
-        probs = probs.mean(axis=0)
-        names = [p for p, good in zip(paths, ok) if good]
-        rows = [(str(n), ens.class_names[int(q.argmax())], *map(float, q)) for n, q in zip(names, probs)]
-        return _write(out, rows, failed, ens.class_names, [probs])
+        s = score_images(ens, adaptation, paths, resolve_zoom(zoom, adaptation, ensemble_path, paths),
+                         batch_size, device)
+        ood = s.ood if s.ood is not None else [None] * len(s.paths)
+        review = s.review if s.review is not None else [None] * len(s.paths)
+        rows = [(str(n), ens.class_names[int(q.argmax())], f"{c:.4f}", "" if o is None else f"{o:.3f}",
+                 "" if r is None else bool(r), *map(float, q))
+                for n, q, c, o, r in zip(s.paths, s.probs, s.confidence, ood, review)]
+        return _write(out, rows, s.failed, ens.class_names, [s.probs],
+                      extra=("confidence", "ood_score", "review"))
 
 
-def _write(out, rows, failed, class_names, all_probs) -> PredictResult:
+def _write(out, rows, failed, class_names, all_probs, extra=()) -> PredictResult:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial.csv")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", "predicted", *[f"prob_{c}" for c in class_names]])
+        w.writerow(["image", "predicted", *extra, *[f"prob_{c}" for c in class_names]])
         w.writerows(rows)
     tmp.replace(out)  # a partial CSV is never left under the final name
     result = PredictResult(out, len(rows), failed,

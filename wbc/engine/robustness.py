@@ -234,9 +234,13 @@ def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Pat
                cfg: RobustnessConfig = RobustnessConfig(), caches: list[Path] | None = None) -> RobustnessResult:
     """Score each member and the ensemble per degradation x severity on the held-out test rows of
     `store_path`; write robustness.md/.json/.csv/.png under `out`. caches override the members'."""
+    from wbc.adapt.bundle import is_adapted
     from wbc.engine.predict import load_ensemble
     from wbc.store import open_store
 
+    if is_adapted(ensemble_path):  # its BN statistics, alignment and priors belong to one target set
+        raise WbcError(f"{ensemble_path} is adapted to one target set; score its source ensemble here, or "
+                       "adapt to the degraded images themselves (`wbc adapt`; tools/bench_crosslab.py does both)")
     degs, sevs = resolve_degradations(cfg.degradations), resolve_severities(cfg.severities)
     ens = load_ensemble(Path(ensemble_path))
     store = open_store(store_path)

@@ -1,0 +1,178 @@
+"""The maths of `wbc adapt` against independent references: alignment (mean/std, CORAL), cell scale on
+synthetic discs, EM priors, review thresholds and the risk-coverage curve."""
+
+import numpy as np
+import pytest
+from scipy.linalg import sqrtm
+
+from wbc.adapt.align import fit_alignment, moments
+from wbc.adapt.priors import em_priors, reweight
+from wbc.adapt.scale import estimate_zoom, relative_size, sizes
+from wbc.metrics import classification_metrics
+from wbc.selective import choose_review, fit_mahalanobis, risk_coverage
+
+
+def _pair(seed=0, n=4000, d=6):
+    rng = np.random.default_rng(seed)
+    # well-conditioned mixing (+ 2 I): the EPS floor on eigenvalues must not matter here
+    src = rng.normal(size=(n, d)) @ (rng.normal(size=(d, d)) + 2 * np.eye(d)) + rng.normal(size=d) * 3
+    tgt = rng.normal(size=(n, d)) @ (rng.normal(size=(d, d)) + 2 * np.eye(d)) * 0.5 + rng.normal(size=d)
+    return src, tgt
+
+
+def test_meanstd_alignment_matches_numpy():
+    src, tgt = _pair()
+    al = fit_alignment(moments(src), moments(tgt), "meanstd")
+    ref = (tgt - tgt.mean(0)) / tgt.std(0, ddof=1) * src.std(0, ddof=1) + src.mean(0)
+    np.testing.assert_allclose(al.apply(tgt), ref, rtol=1e-4, atol=1e-4)
+    out = al.apply(tgt).astype(np.float64)
+    np.testing.assert_allclose(out.mean(0), src.mean(0), atol=1e-4)
+    np.testing.assert_allclose(out.std(0, ddof=1), src.std(0, ddof=1), rtol=1e-4)
+
+
+def test_moments_accept_views_and_chunks():
+    src, _ = _pair(n=600)
+    m = moments(src.reshape(100, 6, 6).astype(np.float32), chunk=7)  # (N, K, D): every view a sample
+    np.testing.assert_allclose(m.cov, np.cov(src.reshape(-1, 6), rowvar=False), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shrink", [0.0, 0.3])
+def test_coral_matches_scipy_reference(shrink):
+    src, tgt = _pair(1)
+
+    def shrunk(x):
+        c = np.cov(x, rowvar=False)
+        return (1 - shrink) * c + shrink * np.diag(np.diag(c)) + 1e-6 * np.eye(len(c))
+
+    ref = (tgt - tgt.mean(0)) @ np.real(np.linalg.inv(sqrtm(shrunk(tgt))) @ sqrtm(shrunk(src))) + src.mean(0)
+    al = fit_alignment(moments(src), moments(tgt), "coral", shrink=shrink)
+    np.testing.assert_allclose(al.apply(tgt), ref, rtol=1e-3, atol=1e-3)
+    if shrink == 0:  # unshrunk CORAL gives the target exactly the source's covariance
+        np.testing.assert_allclose(np.cov(al.apply(tgt).astype(np.float64), rowvar=False),
+                                   np.cov(src, rowvar=False), rtol=1e-3, atol=1e-3)
+
+
+def test_alignment_round_trips_through_arrays():
+    src, tgt = _pair(2)
+    al = fit_alignment(moments(src), moments(tgt), "coral")
+    from wbc.adapt.align import Alignment
+
+    back = Alignment.from_arrays("coral", al.arrays())
+    np.testing.assert_array_equal(back.apply(tgt), al.apply(tgt))
+
+
+def disc_image(rng, side=200, radius=0.12, crowd=0):
+    """A dark-violet nucleus disc at the centre on a pale background, with `crowd` pink red cells
+    (mid density) touching it: the case a two-level threshold merges into the nucleus."""
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    img = np.empty((side, side, 3), np.float64)
+    img[:] = (225, 215, 220)
+    r = radius * rng.uniform(0.95, 1.05)
+    for k in range(crowd):
+        a = 2 * np.pi * k / max(crowd, 1)
+        cy, cx = 0.5 + (r + 0.1) * np.sin(a), 0.5 + (r + 0.1) * np.cos(a)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 0.11 ** 2] = (205, 120, 140)
+    img[(yy - 0.5) ** 2 + (xx - 0.5) ** 2 < r ** 2] = (80, 40, 120)
+    img += rng.normal(0, 3, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_relative_size_of_a_disc():
+    rng = np.random.default_rng(0)
+    im = disc_image(rng, radius=0.15)
+    assert relative_size(im) == pytest.approx(np.sqrt(np.pi) * 0.15, rel=0.08)
+
+
+@pytest.mark.parametrize("crowd", [0, 5])
+def test_zoom_recovers_a_known_scale_and_one_when_scales_match(crowd):
+    rng = np.random.default_rng(1)
+    src = sizes(disc_image(rng, radius=0.1, crowd=crowd) for _ in range(30))
+    big = sizes(disc_image(rng, radius=0.16, crowd=crowd) for _ in range(30))
+    same = sizes(disc_image(rng, radius=0.1, crowd=crowd) for _ in range(30))
+    est = estimate_zoom(src, big)
+    assert est.zoom == pytest.approx(0.1 / 0.16, rel=0.06) and est.reason == "scales differ"
+    assert est.low < est.raw < est.high
+    assert estimate_zoom(src, same).zoom == 1.0
+
+
+def test_zoom_counts_unmeasurable_images_and_refuses_too_few():
+    rng = np.random.default_rng(2)
+    blank = np.full((100, 100, 3), 220, np.uint8)
+    src = sizes(disc_image(rng) for _ in range(10))
+    tgt = sizes([*(disc_image(rng) for _ in range(8)), blank, blank])
+    assert estimate_zoom(src, tgt).n_unmeasured == 2
+    with pytest.raises(ValueError, match="measurable"):
+        estimate_zoom(src, sizes([blank] * 10))
+
+
+def test_em_recovers_shifted_priors():
+    """Calibrated posteriors of a 1-D Gaussian problem trained under uniform priors."""
+    rng = np.random.default_rng(0)
+    true_pi = np.array([0.7, 0.2, 0.1])
+    mus = np.array([-2.0, 0.0, 2.0])
+    y = rng.choice(3, 20000, p=true_pi)
+    x = rng.normal(mus[y], 1.0)
+    lik = np.exp(-0.5 * (x[:, None] - mus[None]) ** 2)
+    post = lik / lik.sum(1, keepdims=True)  # uniform source priors
+    pi, _ = em_priors(post)
+    np.testing.assert_allclose(pi, true_pi, atol=0.02)
+    # the corrected posteriors are the Bayes posteriors under the true priors
+    bayes = lik * true_pi
+    np.testing.assert_allclose(reweight(post, pi, np.full(3, 1 / 3)), bayes / bayes.sum(1, keepdims=True),
+                               atol=0.03)
+
+
+def test_review_rule_leaves_the_asked_coverage():
+    rng = np.random.default_rng(0)
+    conf, ood = rng.uniform(size=2000), rng.normal(size=2000)
+    rule = choose_review(conf, ood, 0.9)
+    assert rule.achieved == pytest.approx(0.9, abs=0.005)
+    assert 1 - rule.flags(conf, ood).mean() == pytest.approx(rule.achieved)
+    only_conf = choose_review(conf, None, 0.95)
+    assert only_conf.conf_min == pytest.approx(0.05, abs=0.01)
+
+
+def test_risk_coverage_matches_brute_force():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 300)
+    p = np.where(rng.uniform(size=300) < 0.7, y, rng.integers(0, 4, 300))
+    score = rng.uniform(size=300)
+    rc = risk_coverage(y, p, score, 4)
+    order = np.argsort(-score)
+    for pt in rc["points"]:
+        sel = order[: pt["n"]]
+        assert pt["acc"] == pytest.approx((y[sel] == p[sel]).mean())
+        assert pt["mf1"] == pytest.approx(classification_metrics(y[sel], p[sel], 4)["mf1"])
+    errs = [1 - (y[order[:k]] == p[order[:k]]).mean() for k in range(1, 301)]
+    assert rc["aurc"] == pytest.approx(np.mean(errs))
+
+
+def test_mahalanobis_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 5)) + np.repeat(np.eye(5)[:2] * 4, 250, axis=0)
+    y = np.repeat([0, 1], 250)
+    m = fit_mahalanobis(x, y, 2, shrink=0.0)
+    means = np.stack([x[y == c].mean(0) for c in range(2)])
+    r = x - means[y]
+    prec = np.linalg.inv(r.T @ r / (len(x) - 2) + 1e-6 * np.eye(5))
+    q = rng.normal(size=(7, 5)) * 3
+    ref = np.sqrt(np.min([np.einsum("nd,de,ne->n", q - mu, prec, q - mu) for mu in means], axis=0))
+    np.testing.assert_allclose(m.score(q), ref, rtol=1e-6)
+
+
+def test_prototypes_follow_shifted_classes():
+    """Two classes whose target clusters moved: the source means misclassify, the prototypes
+    re-estimated from the (imperfect) posteriors recover them."""
+    from wbc.adapt.protos import fit_prototypes, prototype_probs
+
+    rng = np.random.default_rng(0)
+    src_means = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    tgt_means = np.array([[1.0, 0.0, 0.9], [0.2, 1.0, 0.9]])  # both moved along a new axis, class 1 also drifted
+    y = rng.integers(0, 2, 400)
+    x = tgt_means[y] + rng.normal(0, 0.1, (400, 3))
+    probs = prototype_probs(x, src_means / np.linalg.norm(src_means, axis=1, keepdims=True), tau=1.0)
+    probs = 0.6 * probs + 0.4 * rng.dirichlet([1, 1], 400)  # noisy posteriors
+    cent = fit_prototypes(x, probs, src_means)
+    assert (prototype_probs(x, cent).argmax(1) == y).mean() > 0.97
+    unit = tgt_means / np.linalg.norm(tgt_means, axis=1, keepdims=True)
+    assert np.allclose(cent, unit, atol=0.05)

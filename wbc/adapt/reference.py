@@ -1,0 +1,102 @@
+"""What the training data looked like, per ensemble member, from its feature cache (no backbone):
+the moments of the training embeddings (for feature alignment), the Mahalanobis model of them
+(for `ood_score`) and, on the validation fold, the review thresholds for a stated coverage.
+
+Training rows are the cache's CV rows outside the member's validation fold (the rows its head
+was trained on); the validation fold is the checkpoint's own (`checkpoint_fold`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wbc.adapt.align import Moments, moments
+from wbc.errors import WbcError
+from wbc.selective import Mahalanobis, ReviewRule, choose_review, fit_mahalanobis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemberReference:
+    source: Moments  # of every view of every training row
+    maha: Mahalanobis
+    class_means: np.ndarray  # (C, D) of the view-averaged training embeddings
+    val_probs: np.ndarray  # (Nv, C) view-averaged probabilities on the validation fold
+    val_ood: np.ndarray  # (Nv,)
+    val_rows: np.ndarray  # (Nv,) image-store rows
+    val_fold: int
+    val_logits: np.ndarray | None = None  # (Nv, K, C): temperature calibration
+    val_labels: np.ndarray | None = None
+
+
+def member_reference(member: dict) -> MemberReference:
+    """member: an `Ensemble.members` entry with a `cache` (ENSEMBLE.yaml saved with --cache)."""
+    from wbc.cache import open_cache
+    from wbc.ensemble import view_probs
+    from wbc.heads import load_head
+
+    if member.get("cache") is None:
+        raise WbcError(f"ensemble member {member.get('name')} has no feature cache: save the ensemble "
+                       "with `wbc ensemble save ... --cache CACHE` (the training features are the reference)")
+    cache = open_cache(member["cache"], checkpoint=member["checkpoint"])
+    fold = np.asarray(cache.fold)
+    val = cache.attrs.get("checkpoint_fold")
+    if not isinstance(val, int) or val < 0 or not (fold == val).any():
+        raise WbcError(f"{member['cache']}: no validation fold of the member's checkpoint "
+                       f"(checkpoint_fold {val!r}) among the cache's folds")
+    train_rows = np.flatnonzero((fold >= 0) & (fold != val))
+    val_rows = np.flatnonzero(fold == val)
+    labels = np.asarray(cache.labels)
+    tr = cache.read("features", train_rows).astype(np.float32)
+    c = len(cache.class_names)
+    maha = fit_mahalanobis(tr, labels[train_rows], c)
+    avg, y = tr.mean(axis=1), labels[train_rows]
+    class_means = np.stack([avg[y == k].mean(0) if (y == k).any() else avg.mean(0) for k in range(c)])
+    src = moments(tr)
+    del tr
+    vf = cache.read("features", val_rows).astype(np.float32)
+    if member.get("head") is not None:
+        logits = load_head(member["head"]).logits(vf)
+    else:
+        logits = cache.read("stage1_logits", val_rows).astype(np.float32)
+    return MemberReference(src, maha, class_means, view_probs(logits), maha.score(vf),
+                           np.asarray(cache.index)[val_rows], int(val), np.asarray(logits, np.float32),
+                           labels[val_rows].astype(np.int64))
+
+
+def review_rule(refs: list[MemberReference], coverage: float) -> tuple[ReviewRule, str]:
+    """Thresholds on the ensemble's validation fold when members share it, else on the members'
+    own validation folds pooled (fold models: no fold is held out from every member)."""
+    same = all(r.val_fold == refs[0].val_fold and np.array_equal(r.val_rows, refs[0].val_rows) for r in refs)
+    if same:
+        probs = np.mean([r.val_probs for r in refs], axis=0)
+        ood = np.mean([r.val_ood for r in refs], axis=0)
+        how = f"ensemble on validation fold {refs[0].val_fold} ({len(ood)} cells)"
+    else:
+        probs = np.concatenate([r.val_probs for r in refs])
+        ood = np.concatenate([r.val_ood for r in refs])
+        how = "members on their own validation folds, pooled (no fold is held out from all members)"
+        log.warning("review thresholds: %s", how)
+    return choose_review(probs.max(axis=1), ood, coverage), how
+
+
+def save_arrays(path: Path, **arrays: np.ndarray) -> Path:
+    """An npz of plain arrays (read back with allow_pickle=False), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+    tmp.replace(path)
+    return path
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise WbcError(f"{path}: not a readable array file ({e})") from None

@@ -1,0 +1,157 @@
+"""The per-member steps of `wbc adapt`: AdaBN, embedding, alignment, reference, and the priors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wbc.adapt.align import fit_alignment, moments
+from wbc.adapt.reference import member_reference, review_rule, save_arrays
+from wbc.config import file_sha256
+from wbc.errors import WbcError
+
+log = logging.getLogger(__name__)
+
+
+def _reusable(path: Path, source: Path, prov: dict) -> dict | None:
+    """The provenance of an AdaBN checkpoint at `path` made from `source` with `prov`, else None."""
+    if not path.is_file():
+        return None
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=False).get("adabn") or {}
+    except Exception:  # noqa: BLE001 - an unreadable leftover is recomputed
+        return None
+    same = old.get("source_sha256") == file_sha256(source) and all(old.get(k) == v for k, v in prov.items())
+    return {k: v for k, v in old.items() if k not in ("source_checkpoint", "source_sha256")} if same else None
+
+
+def adabn_member(spec: dict, x: np.ndarray, views: list[str], cfg, dev, out: Path, target_id: str,
+                 zoom: float = 1.0):
+    """(model, its checkpoint path, bn provenance) for one member; AdaBN when cfg.bn."""
+    from wbc.adapt.bn import bn_layers, reestimate, save_adapted, view_batches
+    from wbc.backbones import load_checkpoint
+
+    model, meta = load_checkpoint(spec["checkpoint"], dev)
+    if not cfg.bn:
+        return model, meta, spec["checkpoint"], {"enabled": False}
+    if not bn_layers(model):
+        note = f"{meta['timm_name']} has no BatchNorm layer: AdaBN skipped, source weights kept"
+        log.warning("%s: %s", spec["name"], note)
+        return model, meta, spec["checkpoint"], {"enabled": False, "note": note}
+    # Images per forward: each gives K views; ~64 crops per batch keeps BN's batch statistics sound.
+    per = max(2, min(cfg.batch_size, 64 // max(len(views), 1) or 2))
+    prov = {"target_id": target_id, "n_images": len(x), "views": list(views), "batch_images": per,
+            "zoom": zoom}
+    path = out / f"{spec['name']}.adabn.pt"
+    reused = _reusable(path, spec["checkpoint"], prov)
+    if reused is not None:  # the same source, target images, zoom and views: identical statistics
+        log.info("%s: AdaBN checkpoint %s reused (same source, target and zoom)", spec["name"], path)
+        model, meta = load_checkpoint(path, dev)
+        return model, meta, path, {"enabled": True, "layers": len(bn_layers(model)), **reused}
+    prov["n_crops"] = reestimate(model, view_batches(x, meta["data_config"], views, per, dev))
+    path = save_adapted(spec["checkpoint"], model, path, prov)
+    log.info("%s: AdaBN on %d images x %d views -> %s", spec["name"], len(x), len(views), path)
+    return model, meta, path, {"enabled": True, "layers": len(bn_layers(model)), **prov}
+
+
+def embed_all(model, meta, x: np.ndarray, views, dev, batch_size: int, keep: Path | None = None,
+              key: str = "") -> np.ndarray:
+    """(N, S, S, 3) uint8 -> (N, K, D) float32 embeddings, rounded through float16 as cached.
+
+    keep: an npz where they are kept under `key` (checkpoint sha, target id, zoom, views), so a
+    rerun with other alignment / priors / prototype settings costs no backbone pass."""
+    from wbc.engine.extract import embed_views
+
+    if keep is not None and keep.is_file():
+        with np.load(keep, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return z["feats"].astype(np.float32)
+    out = [embed_views(model, x[a: a + batch_size], meta["data_config"], views, dev)[0]
+           for a in range(0, len(x), batch_size)]
+    feats = np.concatenate(out).astype(np.float16)
+    if keep is not None:
+        save_arrays(keep, feats=feats, key=np.array(key))
+    return feats.astype(np.float32)
+
+
+def member_logits(spec, model, feats: np.ndarray, dev) -> np.ndarray:
+    from wbc.backbones import logits_from_embeddings
+    from wbc.heads import load_head
+
+    if spec.get("head"):
+        return load_head(spec["head"]).logits(feats)
+    with torch.inference_mode():
+        return logits_from_embeddings(model, torch.from_numpy(feats).to(dev)).float().cpu().numpy()
+
+
+def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: float = 1.0):
+    """Per member: AdaBN, target embeddings, alignment, arrays file. -> (member docs, probs
+    (M, N, C), review doc, ood_score (N,) averaged over members)."""
+    from wbc.device import resolve_device
+    from wbc.ensemble import fit_temperature, view_probs
+
+    dev = resolve_device(cfg.device)
+    docs, probs, refs, oods = [], [], [], []
+    for spec in ens.members:
+        ref = member_reference(spec)
+        refs.append(ref)
+        model, meta, ckpt, bn_doc = adabn_member(spec, x, ens.views, cfg, dev, files, target_id, zoom)
+        key = f"{file_sha256(ckpt)}:{target_id}:{zoom}:{','.join(ens.views)}:{len(x)}"
+        feats = embed_all(model, meta, x, ens.views, dev, cfg.batch_size, files / f"{spec['name']}.target.npz", key)
+        if not np.isfinite(feats).all():
+            raise WbcError(f"{spec['name']}: non-finite embeddings on the target images")
+        arrays = {"src_mean": ref.source.mean, "src_std": ref.source.std,
+                  "src_cov": ref.source.cov.astype(np.float32),
+                  "maha_whiten": ref.maha.whiten, "maha_centres": ref.maha.centres}
+        if cfg.align != "none":
+            align = fit_alignment(ref.source, moments(feats), cfg.align, cfg.shrink)
+            feats = align.apply(feats)
+            arrays.update(align.arrays())
+        # EM needs calibrated posteriors (Alexandari et al. 2020: "bias-corrected calibration" then
+        # EM); the temperature is fitted on the member's source validation fold, never on the target.
+        temp = fit_temperature(ref.val_logits, ref.val_labels) if cfg.priors else 1.0
+        ref.val_probs = view_probs(ref.val_logits, temp)  # review thresholds on the same probabilities
+        probs.append(view_probs(member_logits(spec, model, feats, dev), temp))
+        oods.append(ref.maha.score(feats))
+        arrays["class_means"] = ref.class_means
+        path = save_arrays(files / f"{spec['name']}.npz", **arrays)
+        docs.append({"name": spec["name"], "checkpoint": Path(ckpt), "checkpoint_sha256": file_sha256(ckpt),
+                     "arrays": path, "arrays_sha256": file_sha256(path), "bn_doc": bn_doc,
+                     "temperature": float(temp),
+                     "_feats": feats.mean(axis=1)})
+    rule, how = review_rule(refs, cfg.coverage)
+    return docs, np.stack(probs), {**rule.to_dict(), "how": how}, np.mean(oods, axis=0)
+
+
+def fit_member_prototypes(docs: list[dict], probs: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Per member, prototypes on its (aligned) target embeddings from the ensemble's soft labels
+    `probs` (N, C); stored in the member's arrays file. -> (ensemble prototype probs, step doc)."""
+    from wbc.adapt.protos import TAU, fit_prototypes, prototype_probs
+    from wbc.adapt.reference import load_arrays
+
+    out = []
+    for d in docs:
+        a = load_arrays(d["arrays"])
+        a["proto_centres"] = fit_prototypes(d["_feats"], probs, a["class_means"])
+        save_arrays(d["arrays"], **a)
+        d["arrays_sha256"] = file_sha256(d["arrays"])
+        out.append(prototype_probs(d["_feats"], a["proto_centres"], TAU))
+    return np.mean(out, axis=0), {"enabled": True, "tau": TAU, "iters": 2}
+
+
+def fit_priors(probs: np.ndarray, enabled: bool, class_names: list[str]) -> tuple[dict, np.ndarray]:
+    """EM target priors on the ensemble's probabilities (N, C); cRT heads assume uniform ones."""
+    from wbc.adapt.priors import em_priors, reweight
+
+    c = len(class_names)
+    if not enabled:
+        return {"enabled": False}, probs
+    src = np.full(c, 1.0 / c)
+    pi, iters = em_priors(probs, src)
+    log.info("target priors (EM, %d iterations): %s", iters,
+             ", ".join(f"{n} {p:.2f}" for n, p in zip(class_names, pi)))
+    return ({"enabled": True, "source": src.tolist(), "target": [round(float(p), 5) for p in pi],
+             "iters": iters, "class_names": list(class_names)}, reweight(probs, pi, src))
