@@ -120,8 +120,11 @@ def _degradations(num_ops: int = 2, magnitude: int = 9, p: float = 0.5) -> Trans
 
 
 def train_transform(name: str, **params: Any) -> Transform:
-    """The named augmentation (see AUGMENTS.names()) acting on a (3, H, W) uint8 tensor."""
-    return AUGMENTS.get(name)(**params)
+    """The named augmentation (see AUGMENTS.names()), or a comma list of them applied in order
+    (`scale,degradations`), acting on a (3, H, W) uint8 tensor."""
+    from wbc.augment import compose  # registers `scale`; it imports this module
+
+    return compose(name, **params)
 
 
 # ---- dataset -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import typer
 
 # Importing the modules registers their commands on `app`.
 from wbc.cli import adapt, evaluate, extract, heads, prepare, robustness, train  # noqa: F401
+from wbc.cli import interpolate as _interpolate  # noqa: F401  (wbc interpolate)
 from wbc.cli import report as _report  # noqa: F401  (wbc report)
 from wbc.cli.app import app
 from wbc.errors import WbcError

@@ -31,7 +31,8 @@ def train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = _D.lr,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _D.weight_decay,
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val Macro-F1.")] = _D.patience,
-    augment: Annotated[str, typer.Option(help="Train augmentation: randaugment, degradations (randaugment + WBCBench-style damage) or none.")] = _D.augment,
+    augment: Annotated[str, typer.Option(help="Train augmentation: randaugment, degradations (randaugment + WBCBench-style damage), scale (cell rescaled 1/1.6-1.6x in its frame), none, or a comma list applied in order (scale,degradations).")] = _D.augment,
+    recipe: Annotated[str, typer.Option(help="paper (fine-tune from a random head), lp-ft (linear probe on the frozen backbone first; keeps more of ImageNet for other labs' images) or frozen-pretrained (no fine-tuning: ImageNet backbone + linear probe, epoch 0, an ensemble member).")] = _D.recipe,
     crop: Annotated[int, typer.Option(help="Centre-crop side fed to the network.")] = _D.crop,
     resize: Annotated[int, typer.Option(help="Side before the crop (0: keep 368/224).")] = _D.resize,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16, else fp16).")] = _D.amp,
@@ -50,7 +51,7 @@ def train(
     cfg = TrainConfig(
         backbone=backbone, pretrained=pretrained, epochs=epochs, batch_size=batch_size,
         accum_steps=accum_steps, lr=lr, weight_decay=weight_decay, patience=patience,
-        augment=augment, crop=crop, resize=resize, amp=amp, channels_last=channels_last,
+        augment=augment, recipe=recipe, crop=crop, resize=resize, amp=amp, channels_last=channels_last,
         device=device, workers=workers, preload=preload, seed=seed,
     )
     from wbc.engine.train_backbone import train as run_train  # torch: after the options are checked

@@ -27,6 +27,7 @@ from wbc.device import amp_dtype
 from wbc.engine import checkpointing as ckp
 from wbc.engine import distributed as dist
 from wbc.engine.loops import NonFiniteLoss, StepSetup, predict, train_epoch
+from wbc.engine.lp_ft import check_recipe, linear_probe, save_frozen
 from wbc.engine.train_config import TrainConfig
 from wbc.errors import WbcError
 from wbc.folds import resolve_folds
@@ -47,6 +48,7 @@ def train(
 ) -> list[Path]:
     """Train each requested fold in turn (`fold`: an index, a list, or "all"); returns fold dirs."""
     resolve_name(cfg.backbone)  # fail on a bad name before any work
+    check_recipe(cfg.recipe)
     check_writable(out, "run directory")
     cfg = dataclasses.replace(cfg, resize=cfg.resize or crop_resize(cfg.crop))  # record the resolved side
     store = open_store(store_path)
@@ -159,6 +161,8 @@ def train_fold(
             scaler.load_state_dict(ts["scaler"])
         stop, start = dict(ts["stopper"]), int(ckpt["epoch"])
         log.info("fold %d: resuming %s after epoch %d", cfg.fold, run, start)
+    if ckpt is None and cfg.recipe in ("lp-ft", "frozen-pretrained"):  # a resume holds the probed head
+        linear_probe(model, train_ds, StepSetup(dev, dcfg["mean"], dcfg["std"], amp, cl, 1), micro)
     net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if env.distributed else model
 
@@ -170,6 +174,8 @@ def train_fold(
         save_config(cfg, run / "config.yaml")
         ckp.truncate_metrics(run / "metrics.jsonl", start)
     setup = StepSetup(dev, dcfg["mean"], dcfg["std"], amp, cl, cfg.accum_steps)
+    if cfg.recipe == "frozen-pretrained":  # no fine-tuning: the pretrained backbone, probed head
+        return save_frozen(model, meta, _validate(model, val_ds, micro, cfg, setup, env, n_cls), run, env.is_main)
     sampler = DistributedSampler(train_ds, num_replicas=env.world, rank=env.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=False)
     log.info("fold %d: %s (%s) on %s, %d train / %d val images, micro-batch %d x %d accum x %d proc, "

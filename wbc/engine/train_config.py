@@ -19,7 +19,8 @@ class TrainConfig:
     weight_decay: float = 0.05  # not given by the paper; the usual AdamW fine-tuning value
     min_lr: float = 0.0  # cosine annealing floor (per epoch, over `epochs`)
     patience: int = 10  # early stopping: epochs without a better validation Macro-F1
-    augment: str = "randaugment"  # none | randaugment | degradations (wbc.data.AUGMENTS)
+    augment: str = "randaugment"  # none | randaugment | degradations | scale, or a comma list
+    recipe: str = "paper"  # paper | lp-ft | frozen-pretrained (wbc.engine.lp_ft)
     randaugment_ops: int = 2  # torchvision's defaults
     randaugment_magnitude: int = 9
     crop: int = 224  # centre crop side fed to the network
