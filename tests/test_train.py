@@ -238,3 +238,14 @@ def test_loader_workers_reproduce_the_same_weights(store, tmp_path):
     (b,) = train(store, tmp_path / "b", cfg, fold=0)
     wa, wb = _weights(a / "last.pt"), _weights(b / "last.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_of_a_checkpoint_older_than_the_recipe_setting():
+    """A last.pt written before `recipe` existed resumes as the paper recipe, and only as that."""
+    from wbc.engine.checkpointing import check_resumable
+    from wbc.errors import WbcError
+
+    old = {"store_content_id": "s", "config": {"epochs": 3, "lr": 1e-4}}
+    check_resumable(old, {"epochs": 3, "lr": 1e-4, "recipe": "paper"}, "s", Path("last.pt"))
+    with pytest.raises(WbcError, match="recipe: 'paper' -> 'lp-ft'"):
+        check_resumable(old, {"epochs": 3, "lr": 1e-4, "recipe": "lp-ft"}, "s", Path("last.pt"))

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.benchlib import machine, write_section
 
-STORE = "/work/main/cache/images/pbc-lt.h5"
-JTSC = "/work/shared/data/jtsc/manifest.csv"
+ROOT = Path(__file__).resolve().parents[1]
+STORE = str(ROOT / "cache" / "images" / "pbc-lt.h5")  # `wbc prepare`'s default place (README)
+JTSC = str(ROOT.parent / "shared" / "data" / "jtsc" / "manifest.csv")
 LABEL_MAP = "SNE=NE,BNE=NE"
 RECIPES = {  # name -> (augment, recipe)
     "paper": ("randaugment", "paper"),

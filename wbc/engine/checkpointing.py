@@ -63,6 +63,10 @@ def load_last(path: Path) -> dict:
     return ckpt
 
 
+# Stage-1 settings newer than the checkpoint format, with the value older runs implied.
+LEGACY_DEFAULTS = {"recipe": "paper"}
+
+
 def check_resumable(ckpt: dict, config: dict, content_id: str, path: Path) -> None:
     """Refuse to resume under other settings or another store (the result would be neither run)."""
     if ckpt["store_content_id"] != content_id:
@@ -72,10 +76,11 @@ def check_resumable(ckpt: dict, config: dict, content_id: str, path: Path) -> No
         )
     # Where the work runs does not change the result's definition.
     free = {"device", "workers"}
-    diff = sorted(k for k in set(config) | set(ckpt["config"])
-                  if k not in free and config.get(k) != ckpt["config"].get(k))
+    # Settings added after a checkpoint was written mean what that older code did.
+    old = {**LEGACY_DEFAULTS, **ckpt["config"]}
+    diff = sorted(k for k in set(config) | set(old) if k not in free and config.get(k) != old.get(k))
     if diff:
-        pairs = ", ".join(f"{k}: {ckpt['config'].get(k)!r} -> {config.get(k)!r}" for k in diff)
+        pairs = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
         raise WbcError(f"cannot resume {path} with other settings ({pairs}); use the same options or --overwrite")
 
 
