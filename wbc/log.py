@@ -33,10 +33,18 @@ def setup_logging(level: str | int = "INFO") -> None:
     logger.propagate = False
 
 
+class _Progress(Progress):
+    """Progress whose tasks always have the `info` field the columns render (a task added without
+    it raised KeyError at the first refresh, and only where bars are shown: never in tests)."""
+
+    def add_task(self, description, *args, info: str = "", **fields):
+        return super().add_task(description, *args, info=info, **fields)
+
+
 def progress(transient: bool = False) -> Progress:
     """A rich progress bar; silent when WBC_NO_PROGRESS is set (tests, CI logs)."""
     disable = bool(os.environ.get("WBC_NO_PROGRESS"))
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
