@@ -119,3 +119,16 @@ def test_our_own_checkpoints_load_with_weights_only(world, tmp_path):
         ck = torch.load(run / name, map_location="cpu", weights_only=True)
         assert ck["complete"] and "data_config" in ck
     assert "train_state" in torch.load(run / "last.pt", weights_only=True)
+
+
+def test_no_library_module_unpickles_code():
+    """Every load of a user's file goes through weights_only=True (wbc.backbones.load_file); a new
+    `weights_only=False` (two slipped into wbc.adapt once) or pickle.load fails here."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "wbc"
+    bad = [f"{p.relative_to(root.parent)}:{i}" for p in root.rglob("*.py")
+           for i, line in enumerate(p.read_text().splitlines(), 1)
+           if re.search(r"weights_only\s*=\s*False|pickle\.loads?\(|yaml\.load\(", line)]
+    assert not bad, f"files from users loaded as code: {bad}"

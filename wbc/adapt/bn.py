@@ -80,7 +80,9 @@ def save_adapted(source_ckpt: str | Path, model: nn.Module, out: str | Path, pro
     """A copy of the source checkpoint with the model's new state and `adabn` provenance; the
     source file is only read. Written atomically (a partial file never has the final name)."""
     src = Path(source_ckpt)
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)  # a Stage-1 file wbc wrote
+    from wbc.backbones import read_checkpoint
+
+    ckpt = read_checkpoint(src)  # weights_only: a user's file is data, never code
     ckpt["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt.pop("train_state", None)
     ckpt["adabn"] = {"source_checkpoint": str(src), "source_sha256": file_sha256(src), **provenance}

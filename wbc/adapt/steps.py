@@ -21,8 +21,10 @@ def _reusable(path: Path, source: Path, prov: dict) -> dict | None:
     if not path.is_file():
         return None
     try:
-        old = torch.load(path, map_location="cpu", weights_only=False).get("adabn") or {}
-    except Exception:  # noqa: BLE001 - an unreadable leftover is recomputed
+        from wbc.backbones import load_file
+
+        old = load_file(path).get("adabn") or {}
+    except Exception:  # noqa: BLE001 - an unreadable or unsafe leftover is recomputed
         return None
     same = old.get("source_sha256") == file_sha256(source) and all(old.get(k) == v for k, v in prov.items())
     return {k: v for k, v in old.items() if k not in ("source_checkpoint", "source_sha256")} if same else None
