@@ -81,43 +81,14 @@ def wise(args, work: Path, recipe: str, best: Path, alpha: float) -> Path:
     return ckpt
 
 
-def degraded_val(ckpt: Path, head_path: Path, store_path: str, n: int) -> dict:
-    """MF1 of checkpoint + cRT head on n stratified fold-0 validation images under each of DEGS."""
-    from wbc.backbones import load_checkpoint
-    from wbc.engine.extract import embed_views
-    from wbc.engine.robustness import Degrader, stratified_subset
-    from wbc.heads import Head
-    from wbc.metrics import classification_metrics
-    from wbc.store import open_store
-
-    store = open_store(store_path)
-    labels, folds = np.asarray(store.labels), np.asarray(store.folds)
-    val = np.flatnonzero((folds == 0) & (labels >= 0))
-    rows = stratified_subset(val, labels[val], n, 0)
-    model, meta = load_checkpoint(ckpt)
-    head = Head.load(head_path)
-    he = store.provenance.get("stain_matrix") if store.provenance.get("stain") == "macenko" else None
-    out = {}
-    for d in DEGS:
-        damage, preds = Degrader(d, SEVERITY, he), []  # as `wbc robustness` degrades the test rows
-        for s in range(0, len(rows), 32):
-            r = rows[s:s + 32]
-            imgs = damage(store.images(r), r)
-            feats, _ = embed_views(model, imgs, meta["data_config"], ["identity"])
-            preds.append(np.asarray(head.logits(feats)).mean(1).argmax(1))
-        out[d] = float(classification_metrics(labels[rows], np.concatenate(preds), store.num_classes)["mf1"])
-    return {"degraded_val_mf1": float(np.mean(list(out.values()))), "degraded_val": out}
-
-
-def zoomed_val(ckpt: Path, head_path: Path, store_path: str, n: int) -> dict:
-    """MF1 on n stratified fold-0 validation images with the cells rescaled by each of ZOOMS
-    (wbc.sources.zoom_image, as `--zoom`): another camera's scale, simulated on PBC-LT itself."""
+def _val_mf1(ckpt: Path, head_path: Path, store_path: str, n: int, variants: dict) -> dict:
+    """MF1 of checkpoint + cRT head on n stratified fold-0 validation images under each variant:
+    name -> fn(images (B, S, S, 3) uint8, store rows) -> images."""
     from wbc.backbones import load_checkpoint
     from wbc.engine.extract import embed_views
     from wbc.engine.robustness import stratified_subset
     from wbc.heads import Head
     from wbc.metrics import classification_metrics
-    from wbc.sources import zoom_image
     from wbc.store import open_store
 
     store = open_store(store_path)
@@ -127,13 +98,36 @@ def zoomed_val(ckpt: Path, head_path: Path, store_path: str, n: int) -> dict:
     model, meta = load_checkpoint(ckpt)
     head = Head.load(head_path)
     out = {}
-    for z in ZOOMS:
+    for name, fn in variants.items():
         preds = []
         for s in range(0, len(rows), 32):
-            imgs = np.stack([zoom_image(im, z) for im in store.images(rows[s:s + 32])])
-            feats, _ = embed_views(model, imgs, meta["data_config"], ["identity"])
+            r = rows[s:s + 32]
+            feats, _ = embed_views(model, fn(store.images(r), r), meta["data_config"], ["identity"])
             preds.append(np.asarray(head.logits(feats)).mean(1).argmax(1))
-        out[f"{z:g}"] = float(classification_metrics(labels[rows], np.concatenate(preds), store.num_classes)["mf1"])
+        out[name] = float(classification_metrics(labels[rows], np.concatenate(preds), store.num_classes)["mf1"])
+    return out
+
+
+def degraded_val(ckpt: Path, head_path: Path, store_path: str, n: int) -> dict:
+    """MF1 under each of DEGS, as `wbc robustness` degrades the test rows."""
+    from wbc.engine.robustness import Degrader
+    from wbc.store import open_store
+
+    prov = open_store(store_path).provenance
+    he = prov.get("stain_matrix") if prov.get("stain") == "macenko" else None
+    out = _val_mf1(ckpt, head_path, store_path, n, {d: Degrader(d, SEVERITY, he) for d in DEGS})
+    return {"degraded_val_mf1": float(np.mean(list(out.values()))), "degraded_val": out}
+
+
+def zoomed_val(ckpt: Path, head_path: Path, store_path: str, n: int) -> dict:
+    """MF1 with the cells rescaled by each of ZOOMS (wbc.sources.zoom_image, as `--zoom`): another
+    camera's scale, simulated on PBC-LT itself."""
+    from wbc.sources import zoom_image
+
+    def zoomed(z):
+        return lambda imgs, _rows: np.stack([zoom_image(im, z) for im in imgs])
+
+    out = _val_mf1(ckpt, head_path, store_path, n, {f"{z:g}": zoomed(z) for z in ZOOMS})
     return {"zoomed_val_mf1": float(np.mean(list(out.values()))), "zoomed_val": out}
 
 
