@@ -119,6 +119,24 @@ def test_linear_probe_changes_no_backbone_weight(tmp_path):
     assert ds.transform is not None  # the dataset keeps its augmentation for the fine-tuning phase
 
 
+def test_linear_probe_chooses_l2_on_validation(tmp_path):
+    """With validation images the probe keeps the L2 strength with the best validation Macro-F1: a
+    crushing L2 (weights ~0, every cell called one class) loses to a light one; alone it is kept."""
+    import copy
+
+    torch.manual_seed(0)
+    model, ds, dcfg = _tiny_ds(tmp_path)
+    setup = StepSetup(torch.device("cpu"), dcfg["mean"], dcfg["std"], None, False, 1)
+    val = copy.copy(ds)
+    val.transform = None
+    out = linear_probe(model, ds, setup, batch=8, steps=200, val_ds=val, l2_grid=(1e-4, 1e3))
+    assert out["probe_l2"] == 1e-4 and out["probe_val_mf1"] > 0.5
+    light = model.get_classifier().weight.norm().item()
+    out = linear_probe(model, ds, setup, batch=8, steps=200, val_ds=val, l2_grid=(1e3,))
+    assert out["probe_l2"] == 1e3 and "probe_val_mf1" not in out  # one strength: nothing to choose
+    assert model.get_classifier().weight.norm().item() < 0.2 * light
+
+
 def test_lp_ft_and_frozen_recipes_train(tmp_path):
     store = make_tiny_store(tmp_path / "s.h5", n_per_class=6, size=40)
     (run,) = train(store, tmp_path / "lpft", TrainConfig(**{**TINY.__dict__, "recipe": "lp-ft"}), fold=0)
