@@ -65,9 +65,9 @@ def stage1(args, work: Path, name: str) -> Path:
 
 
 def _complete(best: Path) -> bool:
-    import torch
+    from wbc.backbones import load_file
 
-    return best.is_file() and bool(torch.load(best, map_location="cpu", weights_only=False).get("complete"))
+    return best.is_file() and bool(load_file(best).get("complete"))
 
 
 def wise(args, work: Path, recipe: str, best: Path, alpha: float) -> Path:
@@ -300,7 +300,7 @@ no --zoom). JTSC is never used to choose. Macro-F1, %.
 Chosen by mean(val, degraded val) (the issue's rule): {_choice(res, False, paper)}.
 Chosen by mean(val, degraded val, zoomed val): {_choice(res, True, paper)}.
 
-Machine: {machine()}; 2 cores shared with six other agents' jobs.
+Machine: {machine()}; {args.machine_note}
 """
 
 
@@ -315,6 +315,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--recipes", default="paper,scale-degr,lp-ft,scale")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--machine-note", default="", help="what else ran on the machine meanwhile")
     p.add_argument("--notes", help="markdown file appended to the section (the reading of the grid)")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = p.parse_args()
