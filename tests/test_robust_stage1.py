@@ -205,6 +205,37 @@ def test_interpolation_endpoints_and_midpoint(tmp_path):
         interpolate(ckpt, [1.5], tmp_path / "wise2")
 
 
+def test_recalibrate_bn_sets_source_statistics_and_nothing_else(tmp_path):
+    """--recalibrate-bn: weights as plain interpolation; BatchNorm running means become the training
+    images' own (first layer checked against its input's per-channel mean, computed directly)."""
+    from wbc.adapt.bn import bn_layers
+    from wbc.data import crop_images, normalize
+    from wbc.store import open_store
+
+    store, _, ckpt = _finetuned(tmp_path)
+    (plain,) = interpolate(ckpt, [0.5], tmp_path / "wise")
+    (recal,) = interpolate(ckpt, [0.5], tmp_path / "wise-bn", recalibrate_bn=True)
+    a, b = torch.load(plain, weights_only=True), torch.load(recal, weights_only=True)
+    stats = [k for k in a["model"] if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if k not in stats)
+    assert not torch.equal(a["model"][stats[0]], b["model"][stats[0]])
+    assert b["wise"]["bn_recalibrated"] and "bn_recalibrated" not in a
+    model, meta = load_checkpoint(plain)
+    first = bn_layers(model)[0]
+    seen = []
+    first.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0]))
+    st = open_store(store)
+    folds = np.asarray(st.folds)
+    rows = np.flatnonzero((folds >= 0) & (folds != 0))
+    x = normalize(crop_images(st.images(rows), meta["data_config"]), meta["data_config"]["mean"], meta["data_config"]["std"])
+    with torch.no_grad():
+        model(x)
+    want = seen[0].mean(dim=(0, 2, 3))
+    name = next(n for n, m in model.named_modules() if m is first)
+    torch.testing.assert_close(b["model"][f"{name}.running_mean"], want, rtol=1e-4, atol=1e-5)
+    assert b["bn_recalibrated"]["n_images"] == len(rows)
+
+
 # ---- CLI through the installed script ------------------------------------------------------------
 
 
