@@ -78,7 +78,7 @@ def evaluate(
     title = title or "Held-out test"
     if model is None:
         model = []
-    from wbc.splits import parse_fold_list
+    from wbc.folds import parse_fold_list
 
     fold_list = parse_fold_list(folds, "--folds")
     models = [parse_model(m, fold_list) for m in model]

@@ -33,8 +33,8 @@ from wbc.cache import block_rows, done_blocks, mark_complete, open_for_writing, 
 from wbc.config import file_sha256, to_dict
 from wbc.data import crop_images, normalize
 from wbc.device import amp_dtype
+from wbc.engine.distributed import DistEnv, setup
 from wbc.engine.extract_config import ExtractConfig
-from wbc.engine.extract_dist import Dist, setup
 from wbc.engine.extract_plan import check_pairing, prepare_output, resolve_checkpoint, row_table
 from wbc.errors import WbcError
 from wbc.fsutil import check_writable, output_lock
@@ -95,7 +95,7 @@ def _claim(out: Path, held: contextlib.ExitStack) -> None:
     held.enter_context(output_lock(out))
 
 
-def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, rows) -> dict:
+def _run(ckpt, st, out, cfg, views, d: DistEnv, group, image_fn, image_transform, rows) -> dict:
     t0 = time.perf_counter()
     model, meta = load_checkpoint(ckpt, d.device)
     check_pairing(meta, st, ckpt, cfg.other_store)
@@ -112,7 +112,7 @@ def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, r
     g = open_for_writing(out, group)
     done = done_blocks(g)
     mine = [b for b in range(len(done)) if b % d.world == d.rank and not done[b]]
-    if d.main:
+    if d.is_main:
         log.info("extracting %d rows x %d views (%s, dim %d) on %s into %s%s", len(rows), len(views),
                  meta["timm_name"], dim, d.device, out, f" [{group}]" if group else "")
         if done.any():
@@ -123,7 +123,7 @@ def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, r
     wall = time.perf_counter() - t0
     timings = _merge_timings(per_rank, wall, len(views))
     d.checked(lambda: mark_complete(g, timings=timings), main_only=True)
-    if d.main:
+    if d.is_main:
         log.info("wrote %s: %d images in %.1f s (%.1f images/s, %.1f views/s)", out,
                  timings["images"], wall, timings["images_per_s"], timings["views_per_s"])
     return {"path": str(out), "group": group, "rows": len(rows), "views": views, "dim": dim,
@@ -131,7 +131,7 @@ def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, r
             "timings": timings}
 
 
-def _attrs(ckpt, meta, st, views, image_transform, amp, d: Dist, cfg) -> dict:
+def _attrs(ckpt, meta, st, views, image_transform, amp, d: DistEnv, cfg) -> dict:
     """Provenance of the cache: what it was made from and how."""
     return {
         "backbone": meta["timm_name"], "backbone_alias": meta.get("alias"),
@@ -178,7 +178,7 @@ class _Blocks(Dataset):
         return b, crop_images(images, self.dc).contiguous()
 
 
-def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: Dist, image_fn, out) -> dict:
+def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: DistEnv, image_fn, out) -> dict:
     cuda = d.device.type == "cuda"
     r = int(g.attrs["rows_per_chunk"])
     workers = cfg.workers if cfg.workers >= 0 else (min(8, os.cpu_count() or 1) if cuda else 0)
@@ -191,7 +191,7 @@ def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: Dist, imag
     n_mine = sum(min(len(rows), (b + 1) * r) - b * r for b in mine)
     t_loop, cpu_loop = time.perf_counter(), _cpu_seconds()
     bar = progress()
-    bar.disable = bar.disable or not d.main
+    bar.disable = bar.disable or not d.is_main
     with bar, _Writer(g, out) as writer:
         task = bar.add_task("extract", total=n_mine, info=f"{len(views)} views")
         it = iter(loader)

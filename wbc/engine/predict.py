@@ -191,12 +191,10 @@ def predict(source: Path, ensemble_path: Path, out: Path, batch_size: int = 32,
 def _write(out, rows, failed, class_names, all_probs, extra=()) -> PredictResult:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".partial.csv")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(out, newline="") as f:  # a partial CSV is never left under the final name
         w = csv.writer(f)
         w.writerow(["image", "predicted", *extra, *[f"prob_{c}" for c in class_names]])
         w.writerows(rows)
-    tmp.replace(out)  # a partial CSV is never left under the final name
     result = PredictResult(out, len(rows), failed,
                            probs=np.concatenate(all_probs) if all_probs else np.zeros((0, len(class_names))))
     failed_path = out.with_name(out.stem + ".failed.csv")

@@ -26,7 +26,7 @@ from wbc.data import StoreDataset, train_transform
 from wbc.device import amp_dtype
 from wbc.engine import checkpointing as ckp
 from wbc.engine import distributed as dist
-from wbc.engine.loops import NonFiniteLoss, StepSetup, predict, train_epoch
+from wbc.engine.loops import NonFiniteLoss, StepSetup, predict_loader, train_epoch
 from wbc.engine.lp_ft import check_recipe, linear_probe, save_frozen
 from wbc.engine.train_config import TrainConfig
 from wbc.errors import WbcError
@@ -61,7 +61,7 @@ def train(
             for k in folds
         ]
     finally:
-        dist.teardown(env)
+        env.close()
 
 
 def _locked_fold(store: ImageStore, run: Path, cfg: TrainConfig, env: dist.DistEnv, **kw) -> Path:
@@ -74,7 +74,7 @@ def _locked_fold(store: ImageStore, run: Path, cfg: TrainConfig, env: dist.DistE
                 held.enter_context(output_lock(run))
             except WbcError as e:
                 err = e
-        if dist.any_true(env, err is not None):
+        if env.any(err is not None):
             raise err or WbcError(f"{run} is being written by another job (see rank 0)")
         return train_fold(store, run, cfg, env, **kw)
 
@@ -103,7 +103,7 @@ def _prepare_dir(run: Path, resume: bool, overwrite: bool, env: dist.DistEnv) ->
         if resume:
             raise WbcError(f"{run} has outputs but no last.pt to resume from; use --overwrite")
         raise WbcError(f"{run} already has a run; pass --resume to continue it or --overwrite to start again")
-    dist.barrier(env)  # every rank has looked before rank 0 deletes
+    env.barrier()  # every rank has looked before rank 0 deletes
     if env.is_main:
         for p in existing:
             p.unlink()
@@ -199,7 +199,7 @@ def train_fold(
                 raise WbcError(f"{e}; stopped ({kept}); try a lower --lr or --no-amp") from None
         sched.step()
         row = _validate(model, val_ds, micro, cfg, setup, env, n_cls)
-        loss, seen = dist.sum_floats(env, loss * seen, float(seen))
+        loss, seen = env.sum_floats(loss * seen, float(seen))
         loss /= max(seen, 1)
         improved = row["val_mf1"] > stop["best_mf1"]
         if improved:
@@ -223,7 +223,7 @@ def train_fold(
         log.info("fold %d epoch %d/%d: loss %.4f, val MF1 %.4f (best %.4f @ %d), %.1f img/s",
                  cfg.fold, epoch + 1, cfg.epochs, loss, row["val_mf1"], stop["best_mf1"],
                  stop["best_epoch"], row["images_per_s"])
-        dist.barrier(env)
+        env.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
         if done:
@@ -264,9 +264,9 @@ def _loader(ds, micro: int, cfg: TrainConfig, dev: torch.device, sampler, epoch:
 def _validate(model, val_ds, micro, cfg, setup, env, n_cls) -> dict:
     loader = DataLoader(val_ds, batch_size=micro, shuffle=False, num_workers=cfg.workers,
                         pin_memory=setup.device.type == "cuda")
-    preds, labels, loss = predict(model, loader, setup)
-    preds, labels = dist.gather_arrays(env, preds, labels)
-    (loss,) = dist.sum_floats(env, loss)
+    preds, labels, loss = predict_loader(model, loader, setup)
+    preds, labels = env.gather_arrays(preds, labels)
+    (loss,) = env.sum_floats(loss)
     m = classification_metrics(labels, preds, n_cls)
     return {"val_loss": loss / max(len(labels), 1), "val_mf1": float(m["mf1"]), "val_bacc": float(m["bacc"]),
             "val_mp": float(m["mp"]), "val_mspec": float(m["mspec"])}
