@@ -227,7 +227,7 @@ def test_wbc_report_rerenders_and_refuses_bad_input(run, tmp_path):
 
 def test_external_report_names_its_set_and_shows_a_member_once(tmp_path):
     from tests.test_external import build_env, write_external
-    from wbc.engine.predict import save_ensemble
+    from wbc.ensemble import save_ensemble
 
     env = build_env(tmp_path / "e", members=1)
     (ckpt, _, head), = env.members

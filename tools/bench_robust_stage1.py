@@ -85,7 +85,7 @@ def _val_mf1(ckpt: Path, head_path: Path, store_path: str, n: int, variants: dic
     """MF1 of checkpoint + cRT head on n stratified fold-0 validation images under each variant:
     name -> fn(images (B, S, S, 3) uint8, store rows) -> images."""
     from wbc.backbones import load_checkpoint
-    from wbc.engine.extract import embed_views
+    from wbc.embed import embed_views
     from wbc.engine.robustness import stratified_subset
     from wbc.heads import Head
     from wbc.metrics import classification_metrics
@@ -144,8 +144,8 @@ def score(args, work: Path, name: str, ckpt: Path) -> dict:
     from wbc.engine.evaluate import ModelSpec, evaluate_table
     from wbc.engine.external import evaluate_external
     from wbc.engine.extract import ExtractConfig, extract
-    from wbc.engine.predict import save_ensemble
     from wbc.engine.robustness import RobustnessConfig, robustness
+    from wbc.ensemble import save_ensemble
     from wbc.losses import LossSpec
     from wbc.stage2 import HeadConfig
 
@@ -193,9 +193,8 @@ def score_ensemble(args, work: Path, names: list[str]) -> dict:
     only: no degraded or zoomed validation, so it is not a candidate of the choice."""
     from wbc.engine.evaluate import ModelSpec, evaluate_table
     from wbc.engine.external import evaluate_external
-    from wbc.engine.predict import save_ensemble
     from wbc.engine.robustness import RobustnessConfig, robustness
-    from wbc.ensemble import Member, ensemble_probs, member_output
+    from wbc.ensemble import Member, ensemble_probs, member_output, save_ensemble
     from wbc.metrics import classification_metrics
 
     name = "+".join(names)

@@ -125,7 +125,7 @@ def ensemble_save(
         "(optional; `wbc robustness` needs it).")] = None,
 ) -> None:
     """Write ENSEMBLE.yaml (checkpoints, heads, stain template, class names, views) for `wbc predict`."""
-    from wbc.engine.predict import save_ensemble
+    from wbc.ensemble import save_ensemble
     from wbc.fsutil import check_writable
 
     check_writable(out, "ensemble file")

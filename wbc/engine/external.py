@@ -23,6 +23,7 @@ import numpy as np
 from rich.table import Table
 
 from wbc.engine.evaluate import RowResult
+from wbc.ensemble import Member
 from wbc.errors import WbcError
 from wbc.labelmap import LabelMap
 from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
@@ -65,12 +66,12 @@ def read_labelled(source: str | Path) -> tuple[list[Path], list[str]]:
     return paths, [str(y) for y in labels]
 
 
-def row_names(members: list[dict]) -> list[str]:
+def row_names(members: list[Member]) -> list[str]:
     """Member names made unique (the same checkpoint may appear with two heads)."""
     seen: Counter = Counter()
     names = []
     for m in members:
-        base = str(m.get("name") or Path(m["checkpoint"]).stem)
+        base = m.name or Path(m.checkpoint).stem
         seen[base] += 1
         names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
     return names
@@ -115,7 +116,7 @@ def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | 
                        f"({lm.scored_labels}); check --label-map")
     names = row_names(ens.members)
     # A member listed twice (same checkpoint and head) scores identically: one row for it.
-    same = [(m["checkpoint_sha256"], str(m.get("head"))) for m in ens.members]
+    same = [(m.checkpoint_sha256, str(m.head)) for m in ens.members]
     uniq = [i for i in range(len(names)) if same.index(same[i]) == i]
     rows = [score_row(names[i], "member", (names[i],), probs[i], y, lm) for i in uniq] if len(uniq) > 1 else []
     ens_name = f"Ensemble ({len(names)} members)" if len(uniq) > 1 else names[0]

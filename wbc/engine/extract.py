@@ -28,11 +28,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wbc import __version__
-from wbc.backbones import embed, load_checkpoint, logits_from_embeddings
+from wbc.backbones import embed, load_checkpoint
 from wbc.cache import block_rows, done_blocks, mark_complete, open_for_writing, write_rows
 from wbc.config import file_sha256, to_dict
-from wbc.data import crop_images, normalize
+from wbc.data import crop_images
 from wbc.device import amp_dtype
+from wbc.embed import embed_block
 from wbc.engine.distributed import DistEnv, setup
 from wbc.engine.extract_config import ExtractConfig
 from wbc.engine.extract_plan import check_pairing, prepare_output, resolve_checkpoint, row_table
@@ -40,7 +41,7 @@ from wbc.errors import WbcError
 from wbc.fsutil import check_writable, output_lock
 from wbc.log import progress
 from wbc.store import ImageStore, open_store
-from wbc.views import apply_views, resolve_views
+from wbc.views import resolve_views
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: DistEnv, i
             if item is None:
                 break
             b, crops = item
-            feats, logits = _embed_block(model, crops, dc, views, bs, amp, d.device, cfg.channels_last)
+            feats, logits = embed_block(model, crops, dc, views, bs, amp, d.device, cfg.channels_last)
             t["forward_s"] += time.perf_counter() - t2
             start, stop = block_rows(g, b)
             _check_finite(feats, logits, rows[start:stop], st)
@@ -226,44 +227,6 @@ def _cpu_seconds() -> float:
         return time.process_time()
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + r.ru_utime + r.ru_stime
-
-
-def _forward_views(model, crops, dc, views, amp, channels_last):
-    """crops: (B, 3, h, w) uint8 on the device -> embeddings (B, K, D), logits (B, K, C) float32."""
-    k = len(views)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = apply_views(normalize(crops, dc["mean"], dc["std"]), views, fmt)  # (K*B, 3, h, w), view-major
-    with torch.autocast(crops.device.type, dtype=amp) if amp else contextlib.nullcontext():
-        e = embed(model, x)
-        z = logits_from_embeddings(model, e)
-    b = x.shape[0] // k
-    return e.float().reshape(k, b, -1).transpose(0, 1), z.float().reshape(k, b, -1).transpose(0, 1)
-
-
-def _embed_block(model, crops, dc, views, bs, amp, device, channels_last):
-    """crops: (M, 3, h, w) uint8 -> features (M, K, D) float16, logits (M, K, C) float32 (numpy)."""
-    feats, logits = [], []
-    for s in range(0, len(crops), bs):
-        x = crops[s: s + bs].to(device, non_blocking=True)
-        e, z = _forward_views(model, x, dc, views, amp, channels_last)
-        feats.append(e.to(torch.float16))
-        logits.append(z)
-    # one device->host copy per block: the GPU keeps running ahead while the writer stores it
-    return torch.cat(feats).cpu().numpy(), torch.cat(logits).cpu().numpy()
-
-
-@torch.inference_mode()
-def embed_views(model, images: np.ndarray, data_config: dict, views: Sequence[str],
-                device: str | torch.device = "cpu", amp: torch.dtype | None = None,
-                channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Stored images (B, S, S, 3) uint8 -> (embeddings (B, K, D), Stage-1 logits (B, K, C)) float32.
-
-    The same crop, normalisation, views and forward as `extract` (for `wbc predict`); the cache
-    holds these embeddings rounded to float16.
-    """
-    crops = crop_images(images, data_config).to(device)
-    e, z = _forward_views(model, crops, data_config, list(views), amp, channels_last)
-    return e.cpu().numpy(), z.cpu().numpy()
 
 
 def _check_finite(feats: np.ndarray, logits: np.ndarray, store_rows: np.ndarray, st) -> None:

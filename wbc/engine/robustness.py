@@ -15,6 +15,7 @@ unmixes with the store's template stain matrix (the reference matrix for a --no-
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -135,34 +136,25 @@ def group_state(cache: Path, group: str, want: dict, rows: np.ndarray) -> str:
     return "complete" if attrs.get("complete") else "resume"
 
 
-@dataclass
-class _Plan:
-    """One member: its checkpoint, head, cache and the views/rows shared by every member."""
-
-    name: str
-    checkpoint: Path
-    head: Path | None
-    cache: Path
-    sha: str
-
-
-def plan_members(ens, store, caches: list[Path] | None) -> list[_Plan]:
+def plan_members(ens, store, caches: list[Path] | None) -> list[Member]:
+    """The ensemble's members with unique names and their caches (`caches` override the file's),
+    each cache checked against its checkpoint and the store."""
     from wbc.engine.external import row_names
 
     if caches and len(caches) != len(ens.members):
         raise WbcError(f"{len(caches)} --cache for {len(ens.members)} ensemble members: give one per member")
     plans = []
     for i, (name, m) in enumerate(zip(row_names(ens.members), ens.members)):
-        cache = Path(caches[i]) if caches else m.get("cache")
+        cache = Path(caches[i]) if caches else m.cache
         if cache is None:
             raise WbcError(f"ensemble member {name} has no feature cache: save the ensemble with "
                            "`wbc ensemble save ... --cache CACHE` per member, or pass --cache per member")
-        c = open_cache(cache, checkpoint=m["checkpoint"], store=store)
-        plans.append(_Plan(name, Path(m["checkpoint"]), m.get("head"), Path(cache), c.attrs["checkpoint_sha256"]))
+        open_cache(cache, checkpoint=m.checkpoint, store=store)
+        plans.append(dataclasses.replace(m, name=name, cache=Path(cache)))
     return plans
 
 
-def choose_rows_and_views(plans: list[_Plan], cfg: RobustnessConfig, store):
+def choose_rows_and_views(plans: list[Member], cfg: RobustnessConfig, store):
     """(all test rows, chosen rows (sorted), their labels, views, cache views) shared by members."""
     from wbc.views import resolve_views
 
@@ -197,7 +189,7 @@ def ensure_groups(plans, store, rows, all_rows, views, cache_views, degs, sevs, 
     for p in plans:
         for (d, s), g in groups.items():
             i += 1
-            want = {"checkpoint_sha256": p.sha, "store_content_id": store.content_id, "views": views,
+            want = {"checkpoint_sha256": p.checkpoint_sha256, "store_content_id": store.content_id, "views": views,
                     "image_transform": transform_id(d, s)}
             state = group_state(p.cache, g, want, rows)
             tag = f"{p.name}: {g}"
@@ -216,14 +208,13 @@ def ensure_groups(plans, store, rows, all_rows, views, cache_views, degs, sevs, 
     return groups
 
 
-def _probs(p: _Plan, rows: np.ndarray, vidx: list[int], groups: dict) -> dict:
+def _probs(p: Member, rows: np.ndarray, vidx: list[int], groups: dict) -> dict:
     """View-averaged probabilities (N, C) of one member: key 'clean' and (degradation, severity)."""
-    member = Member(p.cache, p.head)
-    clean = member_output(member, (TEST,))
+    clean = member_output(p, (TEST,))
     pos = {int(r): i for i, r in enumerate(clean.index)}
     out = {"clean": view_probs(clean.logits[[pos[int(r)] for r in rows]][:, vidx])}
     for key, g in groups.items():
-        o = member_output(member, None, group=g)
+        o = member_output(p, None, group=g)
         if not np.array_equal(o.index, rows):
             raise WbcError(f"{p.cache} group {g} holds other rows than asked; rerun to re-extract it")
         out[key] = view_probs(o.logits)
@@ -235,7 +226,7 @@ def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Pat
     """Score each member and the ensemble per degradation x severity on the held-out test rows of
     `store_path`; write robustness.md/.json/.csv/.png under `out`. caches override the members'."""
     from wbc.adapt.bundle import is_adapted
-    from wbc.engine.predict import load_ensemble
+    from wbc.ensemble import load_ensemble
     from wbc.store import open_store
 
     if is_adapted(ensemble_path):  # its BN statistics, alignment and priors belong to one target set
