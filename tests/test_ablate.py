@@ -8,8 +8,9 @@ import pytest
 from tests.test_heads import long_tailed, run_cli, write_cache
 from wbc.cache import open_cache
 from wbc.cache_split import StreamedRows
-from wbc.engine.ablate import AblateRow, grid_specs, write_tables
+from wbc.engine.ablate import grid_specs
 from wbc.losses import LossSpec
+from wbc.report.ablate import AblateRow, write_tables
 from wbc.stage2 import HeadConfig
 from wbc.stage2.trainer import fit_heads
 

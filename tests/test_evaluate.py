@@ -12,7 +12,8 @@ from wbc.ensemble import Member, ensemble_probs, fit_temperature, member_output,
 from wbc.errors import WbcError
 from wbc.heads import Head
 from wbc.metrics import classification_metrics
-from wbc.report import markdown_table, ranks, write_report
+from wbc.report.rows import markdown_table, ranks
+from wbc.report.table1 import write_report
 
 CLASSES = ["A", "B", "C"]
 N, K, D, C = 30, 4, 6, 3

@@ -91,7 +91,7 @@ def main() -> None:
 
     from wbc.engine.evaluate import ModelSpec, evaluate_table
     from wbc.engine.extract import ExtractConfig, extract
-    from wbc.report import write_report
+    from wbc.report.table1 import write_report
     from wbc.report_html import render_report, report_sources
     from wbc.store import open_store
 

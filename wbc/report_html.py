@@ -76,7 +76,7 @@ def _load(report_dir: Path) -> tuple[dict, dict | None]:
 
 
 def _rank_marks(values: list[float], lower: bool) -> list[str]:
-    from wbc.report import ranks
+    from wbc.report.rows import ranks
 
     return ["best" if r == 0 else "second" if r == 1 else "" for r in ranks(values, lower)]
 

@@ -72,7 +72,8 @@ def evaluate(
         _external(ensemble, external, label_map, out, batch_size, device, title, zoom)
         return
     from wbc.engine.evaluate import evaluate_table
-    from wbc.report import class_counts_line, rich_table, write_report
+    from wbc.report.rows import rich_table
+    from wbc.report.table1 import class_counts_line, write_report
     from wbc.report_html import render_report, report_sources
 
     title = title or "Held-out test"
@@ -96,7 +97,8 @@ def evaluate(
 
 
 def _external(ensemble, external, label_map, out, batch_size, device, title, zoom) -> None:
-    from wbc.engine.external import evaluate_external, rich_rows
+    from wbc.engine.external import evaluate_external
+    from wbc.report.external import rich_rows
 
     if ensemble is None or external is None:
         raise WbcError("external evaluation needs both --ensemble ENSEMBLE.yaml and --external MANIFEST")

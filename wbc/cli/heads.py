@@ -130,8 +130,8 @@ def ablate(
 ) -> None:
     """Loss ablation: every (loss, beta, gamma, lam) configuration trained in one batched pass per fold."""
     from wbc.engine.ablate import ablate as run_ablate
-    from wbc.engine.ablate import fmt, grid_specs, parse_floats
-    from wbc.metrics import HEADLINE
+    from wbc.engine.ablate import grid_specs, parse_floats
+    from wbc.report.ablate import rich_table
 
     specs = grid_specs([x.strip() for x in loss.split(",") if x.strip()], parse_floats(beta, "beta"),
                        parse_floats(gamma, "gamma"), parse_floats(lam, "lam"))
@@ -139,12 +139,5 @@ def ablate(
                   memory_gb, stream, threads)
     with _claim(out):
         rows = run_ablate(cache, out, specs, fold, cfg, save_heads, overwrite)
-    folds = len(rows[0].per_fold)
-    table = Table(title=f"Loss ablation: {len(rows)} configurations, mean ± std over {folds} fold(s) (%)")
-    for col in ("configuration", "MF1", "BAcc", "MP", "MSpec"):
-        table.add_column(col, justify="left" if col == "configuration" else "right")
-    for r in rows:
-        style = "bold green" if r.best else None
-        table.add_row(("* " if r.best else "") + r.label, *(fmt(r.mean_std[m]) for m in HEADLINE), style=style)
-    console.print(table)
+    console.print(rich_table(rows))
     console.print(f"tables: {Path(out) / 'ablate.md'}  {Path(out) / 'ablate.csv'}")

@@ -8,12 +8,10 @@ heads as heads/<config>/fold{K}/head.pt.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from wbc.config import config_hash, save_config, to_dict
@@ -21,7 +19,8 @@ from wbc.engine.crt import FoldCaches, stage1_val_metrics
 from wbc.errors import WbcError
 from wbc.fsutil import atomic_write
 from wbc.losses import LossSpec
-from wbc.metrics import HEADLINE, mean_std
+from wbc.metrics import mean_std
+from wbc.report.ablate import AblateRow, write_tables
 from wbc.stage2 import HeadConfig
 from wbc.stage2.fitting import as_configs, fit
 
@@ -47,15 +46,6 @@ def grid_specs(losses: list[str], betas, gammas, lams, la_tau: float = 1.0) -> l
             seen.add(s.key())
             specs.append(s)
     return specs
-
-
-@dataclass
-class AblateRow:
-    label: str
-    spec: LossSpec
-    mean_std: dict  # metric -> (mean, std)
-    per_fold: list[dict]
-    best: bool = False
 
 
 def _slug(label: str) -> str:
@@ -122,33 +112,3 @@ def _fold(caches: FoldCaches, k: int, out: Path, configs: list[HeadConfig], key:
         f.write(json.dumps(record, indent=1))
     log.info("fold %d: %d heads in %.1f s", k, len(configs), seconds)
     return record
-
-
-def fmt(ms: tuple[float, float]) -> str:
-    return f"{100 * ms[0]:.2f} ± {100 * ms[1]:.2f}"
-
-
-def write_tables(rows: list[AblateRow], out: Path, folds: list[int]) -> dict[str, Path]:
-    """ablate.csv (fractions) and ablate.md (percent, mean ± std over folds, best marked)."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / "ablate.csv", out / "ablate.md"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["loss", "beta", "gamma", "lam", "label", "best"]
-                   + [f"{m}_{s}" for m in HEADLINE for s in ("mean", "std")]
-                   + ["best_epochs", "taus"])
-        for r in rows:
-            w.writerow([r.spec.name, r.spec.beta, r.spec.gamma, r.spec.lam, r.label, int(r.best)]
-                       + [f"{v:.6f}" for m in HEADLINE for v in r.mean_std[m]]
-                       + [" ".join(str(p["best_epoch"]) for p in r.per_fold),
-                          " ".join(f"{p['tau']:g}" for p in r.per_fold)])
-    lines = [(f"Stage-2 loss ablation, validation folds {folds}: mean ± std over folds (%); "
-             "* = best MF1 (the chosen configuration); **bold** = best in its column."), "",
-             "| configuration | MF1 | BAcc | MP | MSpec |", "|---|---|---|---|---|"]
-    # Bold per column: the MF1-best row is often not the best on BAcc, and a bold row would claim it is.
-    tops = {m: max(r.mean_std[m][0] for r in rows) for m in HEADLINE}
-    for r in rows:
-        cells = [f"**{fmt(r.mean_std[m])}**" if r.mean_std[m][0] == tops[m] else fmt(r.mean_std[m]) for m in HEADLINE]
-        lines.append(f"| {'* ' if r.best else ''}{r.label} | " + " | ".join(cells) + " |")
-    md_path.write_text("\n".join(lines) + "\n")
-    return {"csv": csv_path, "md": md_path}

@@ -14,10 +14,8 @@ unmixes with the store's template stain matrix (the reference matrix for a --no-
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from wbc.ensemble import Member, member_output, view_probs
 from wbc.errors import WbcError
 from wbc.folds import TEST
 from wbc.metrics import classification_metrics
+from wbc.report.robustness import summarise, write_robustness_report
 
 log = logging.getLogger(__name__)
 
@@ -259,106 +258,10 @@ def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Pat
                 "max_images": cfg.max_images, "seed": cfg.seed, "class_names": list(ens.class_names),
                 "groups": {f"{d}/{s}": g for (d, s), g in groups.items()},
                 "stain": store.provenance.get("stain")}
-    result.paths = write_robustness_report(result, settings, Path(out))
+    result.paths = write_robustness_report(result.rows, result.records, result.summary, settings, Path(out))
     return result
 
 
 def _metrics(labels: np.ndarray, probs: np.ndarray, c: int) -> dict:
     m = classification_metrics(labels, probs.argmax(1), c)
     return {"mf1": m["mf1"], "bacc": m["bacc"], "n": len(labels)}
-
-
-def summarise(records: list[dict], rows: list[str]) -> list[dict]:
-    """Per row: clean MF1/BAcc, mean MF1/BAcc over every degradation x severity >= 1, the worst."""
-    out = []
-    for row in rows:
-        mine = [r for r in records if r["row"] == row]
-        clean = next(r for r in mine if r["severity"] == 0)
-        deg = [r for r in mine if r["severity"] > 0]
-        worst = min(deg, key=lambda r: r["mf1"]) if deg else clean
-        out.append({"row": row, "clean_mf1": clean["mf1"], "clean_bacc": clean["bacc"],
-                    "mean_mf1": float(np.mean([r["mf1"] for r in deg])) if deg else clean["mf1"],
-                    "mean_bacc": float(np.mean([r["bacc"] for r in deg])) if deg else clean["bacc"],
-                    "worst": f"{worst['degradation']}/{worst['severity']}", "worst_mf1": worst["mf1"]})
-    return out
-
-
-# -- reports ---------------------------------------------------------------------------------
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}"
-
-
-def summary_markdown(summary: list[dict]) -> str:
-    lines = ["| Model | clean MF1 | clean BAcc | mean MF1 (degraded) | mean BAcc (degraded) | worst (MF1) |",
-             "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {s['row']} | {_pct(s['clean_mf1'])} | {_pct(s['clean_bacc'])} | {_pct(s['mean_mf1'])} | "
-              f"{_pct(s['mean_bacc'])} | {s['worst']} ({_pct(s['worst_mf1'])}) |" for s in summary]
-    return "\n".join(lines)
-
-
-def row_markdown(records: list[dict], row: str) -> str:
-    """Degradations x severities of one row: 'MF1 / BAcc' in percent, plus the mean per severity."""
-    mine = [r for r in records if r["row"] == row]
-    degs = list(dict.fromkeys(r["degradation"] for r in mine))
-    sevs = sorted({r["severity"] for r in mine})
-    cell = {(r["degradation"], r["severity"]): r for r in mine}
-    lines = ["| degradation | " + " | ".join(f"severity {s}" for s in sevs) + " |", "|---|" + "---:|" * len(sevs)]
-    for d in degs:
-        lines.append(f"| {d} | " + " | ".join(
-            f"{_pct(cell[d, s]['mf1'])} / {_pct(cell[d, s]['bacc'])}" for s in sevs) + " |")
-    means = [(np.mean([cell[d, s]["mf1"] for d in degs]), np.mean([cell[d, s]["bacc"] for d in degs])) for s in sevs]
-    lines.append("| **mean** | " + " | ".join(f"{_pct(a)} / {_pct(b)}" for a, b in means) + " |")
-    return "\n".join(lines)
-
-
-def robustness_png(records: list[dict], rows: list[str], path: Path) -> Path:
-    """MF1 against severity, one line per degradation, one panel per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ncols = min(3, len(rows))
-    nrows = -(-len(rows) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False, sharey=True)
-    for ax, row in zip(axes.flat, rows):
-        mine = [r for r in records if r["row"] == row]
-        for d in dict.fromkeys(r["degradation"] for r in mine):
-            pts = sorted((r["severity"], 100 * r["mf1"]) for r in mine if r["degradation"] == d)
-            ax.plot(*zip(*pts), marker="o", label=d)
-        ax.set_title(row, fontsize=9)
-        ax.set_xlabel("severity")
-        ax.set_ylabel("MF1 (%)")
-        ax.set_xticks(range(MAX_SEVERITY + 1))
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(rows):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_robustness_report(result: RobustnessResult, settings: dict, out: Path) -> dict[str, Path]:
-    """robustness.md, .json, .csv (one line per row x degradation x severity) and .png under out."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"robustness.{k}" for k in ("md", "json", "csv", "png")}
-    md = [f"# Robustness: {Path(settings['ensemble']).name} on {Path(settings['store']).name}", "",
-          (f"{settings['n_images']} of {settings['n_test']} held-out test images (stain: {settings['stain']}), "
-          f"views {', '.join(settings['views'])}; severity 0 = clean. Values are percent."), "",
-          summary_markdown(result.summary), "",
-          "Mean over every degradation and severity >= 1; plot of MF1 against severity: robustness.png.", ""]
-    for row in result.rows:
-        md += [f"## {row} (MF1 / BAcc)", "", row_markdown(result.records, row), ""]
-    md += ["## Degradations", "", describe()]
-    paths["md"].write_text("\n".join(md))
-    paths["json"].write_text(json.dumps({**settings, "rows": result.rows, "summary": result.summary,
-                                         "records": result.records}, indent=1, default=float))
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, ["row", "degradation", "severity", "mf1", "bacc", "n"])
-        w.writeheader()
-        w.writerows(result.records)
-    robustness_png(result.records, result.rows, paths["png"])
-    return paths
