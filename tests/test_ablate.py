@@ -8,7 +8,7 @@ import pytest
 from tests.test_heads import long_tailed, run_cli, write_cache
 from wbc.cache import open_cache
 from wbc.cache_split import StreamedRows
-from wbc.engine.ablate import grid_specs
+from wbc.engine.stage2.ablate import grid_specs
 from wbc.losses import LossSpec
 from wbc.report.ablate import AblateRow, write_tables
 from wbc.stage2 import HeadConfig
@@ -144,7 +144,7 @@ def test_written_out_adamw_matches_torch_adamw(fused):
 
 
 def test_fold_lists_pick_those_folds_and_bad_folds_exit_cleanly(tmp_path):
-    from wbc.engine.crt import FoldCaches
+    from wbc.engine.stage2.crt import FoldCaches
 
     d = long_tailed(counts=(120, 50, 20, 9), k=3, d=12, seed=6)
     cache = write_cache(tmp_path / "c.zarr", d, chunk_rows=16)

@@ -191,7 +191,7 @@ def test_cli_adapt_then_predict_and_external(env, tmp_path):
 
 def test_adaptation_with_every_step_off_changes_nothing(env, tmp_path):
     """An ADAPTED.yaml with zoom, AdaBN, alignment and priors off predicts exactly as its ensemble."""
-    from wbc.engine.predict import predict
+    from wbc.engine.evaluate.predict import predict
 
     target = target_set(tmp_path / "t")
     out = tmp_path / "off.yaml"
@@ -205,7 +205,7 @@ def test_adaptation_with_every_step_off_changes_nothing(env, tmp_path):
 @pytest.mark.parametrize("protos", [False, True])
 def test_predict_with_the_adapted_file_gives_what_adapt_computed(env, tmp_path, protos):
     """The probabilities adapt reports on its target equal predict's with the ADAPTED.yaml (all steps)."""
-    from wbc.engine.predict import predict
+    from wbc.engine.evaluate.predict import predict
 
     target = target_set(tmp_path / "t")
     out = tmp_path / "ad.yaml"

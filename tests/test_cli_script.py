@@ -62,16 +62,16 @@ def test_bad_option_value_is_refused_before_work(argv, needle, tmp_path):
 
 
 def test_configs_refuse_bad_values_for_python_callers():
-    from wbc.engine.extract import ExtractConfig
-    from wbc.engine.train_config import TrainConfig
+    from wbc.engine.extract.run import ExtractConfig
+    from wbc.engine.stage1.config import Stage1Config
     from wbc.errors import WbcError
     from wbc.prepare import PrepareConfig
 
-    for make in (lambda: TrainConfig(lr=float("nan")), lambda: TrainConfig(crop=0),
+    for make in (lambda: Stage1Config(lr=float("nan")), lambda: Stage1Config(crop=0),
                  lambda: PrepareConfig(size=-1), lambda: ExtractConfig(chunk_rows=-8)):
         with pytest.raises(WbcError):
             make()
-    assert TrainConfig(crop=160).crop == 160 and ExtractConfig(batch_size=0).batch_size == 0
+    assert Stage1Config(crop=160).crop == 160 and ExtractConfig(batch_size=0).batch_size == 0
 
 
 def _unwritable_dir(tmp_path: Path) -> Path:

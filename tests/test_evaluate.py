@@ -7,7 +7,7 @@ import pytest
 
 from tests.fixtures import cli_exit_code
 from wbc.cache import create_cache, mark_complete, write_rows
-from wbc.engine.evaluate import ModelSpec, evaluate_table, table_rows
+from wbc.engine.evaluate.table1 import ModelSpec, evaluate_table, table_rows
 from wbc.ensemble import Member, ensemble_probs, fit_temperature, member_output, softmax, view_probs
 from wbc.errors import WbcError
 from wbc.heads import Head

@@ -16,9 +16,9 @@ from PIL import Image
 
 from tests.fixtures import cli_exit_code, stained_image, tiny_checkpoint
 from wbc.cache import open_cache
-from wbc.engine.external import evaluate_external, read_labelled
-from wbc.engine.extract import ExtractConfig, extract
-from wbc.engine.predict import predict
+from wbc.engine.evaluate.external import evaluate_external, read_labelled
+from wbc.engine.evaluate.predict import predict
+from wbc.engine.extract.run import ExtractConfig, extract
 from wbc.ensemble import load_ensemble, save_ensemble
 from wbc.errors import WbcError
 from wbc.heads import Head

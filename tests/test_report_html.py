@@ -16,8 +16,8 @@ from tests.browser import page_status, screenshot
 from tests.fixtures import make_tiny_store, tiny_checkpoint
 from wbc import figures
 from wbc.cache import open_cache
-from wbc.engine.evaluate import ModelSpec, table_rows
-from wbc.engine.extract import ExtractConfig, extract
+from wbc.engine.evaluate.table1 import ModelSpec, table_rows
+from wbc.engine.extract.run import ExtractConfig, extract
 from wbc.gallery import select_cells
 from wbc.heads import Head
 from wbc.metrics import classification_metrics, confusion

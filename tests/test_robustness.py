@@ -12,7 +12,7 @@ from wbc.backbones import load_checkpoint
 from wbc.cache import cache_info, open_cache
 from wbc.degrade import degrade_batch
 from wbc.embed import embed_views
-from wbc.engine.robustness import (
+from wbc.engine.evaluate.robustness import (
     RobustnessConfig,
     group_name,
     robustness,

@@ -15,11 +15,11 @@ from tests.fixtures import make_tiny_store
 from wbc.backbones import create_backbone, load_checkpoint
 from wbc.cli import main
 from wbc.config import load_config
-from wbc.engine import train_backbone as tb
-from wbc.engine.train_backbone import TrainConfig, train
+from wbc.engine.stage1 import train as tb
+from wbc.engine.stage1.train import Stage1Config, train
 from wbc.errors import WbcError
 
-FAST = TrainConfig(backbone="test_resnet", pretrained="none", epochs=3, batch_size=8, crop=32,
+FAST = Stage1Config(backbone="test_resnet", pretrained="none", epochs=3, batch_size=8, crop=32,
                    lr=3e-3, workers=0, augment="none", seed=0)
 
 
@@ -44,7 +44,7 @@ def test_short_run_lowers_loss_and_writes_outputs(store, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
     for key in ("loss", "lr", "val_mf1", "val_bacc", "val_mp", "val_mspec", "images_per_s"):
         assert np.isfinite(rows[-1][key])
-    cfg = load_config(TrainConfig, run / "config.yaml")
+    cfg = load_config(Stage1Config, run / "config.yaml")
     assert cfg.fold == 1 and cfg.resize == 53 and cfg.weight_decay == FAST.weight_decay
     model, meta = load_checkpoint(run / "best.pt")
     assert model.get_classifier().out_features == 3
@@ -57,7 +57,7 @@ def test_short_run_lowers_loss_and_writes_outputs(store, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(store, tmp_path):
-    cfg = TrainConfig(**{**FAST.__dict__, "augment": "randaugment", "accum_steps": 2})
+    cfg = Stage1Config(**{**FAST.__dict__, "augment": "randaugment", "accum_steps": 2})
     (full,) = train(store, tmp_path / "full", cfg, fold=0)
 
     def interrupt(epoch, model):
@@ -69,7 +69,7 @@ def test_resume_matches_uninterrupted_run(store, tmp_path):
     with pytest.raises(WbcError, match="--resume"):
         train(store, tmp_path / "cut", cfg, fold=0)
     with pytest.raises(WbcError, match="lr"):  # other settings would be neither run
-        train(store, tmp_path / "cut", TrainConfig(**{**cfg.__dict__, "lr": 1.0}), fold=0, resume=True)
+        train(store, tmp_path / "cut", Stage1Config(**{**cfg.__dict__, "lr": 1.0}), fold=0, resume=True)
     (cut,) = train(store, tmp_path / "cut", cfg, fold=0, resume=True)
     a, b = _weights(full / "last.pt"), _weights(cut / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -88,7 +88,7 @@ def test_sampler_visits_every_sample_once_per_epoch(store, tmp_path, monkeypatch
         return real(self, j)
 
     monkeypatch.setattr(tb.StoreDataset, "__getitem__", spy)
-    train(store, tmp_path / "r", TrainConfig(**{**FAST.__dict__, "epochs": 2, "batch_size": 5}), fold=0)
+    train(store, tmp_path / "r", Stage1Config(**{**FAST.__dict__, "epochs": 2, "batch_size": 5}), fold=0)
     with h5py.File(store) as f:
         fold = f["fold"][:]
     train_rows = sorted(np.flatnonzero((fold >= 0) & (fold != 0)).tolist())
@@ -110,11 +110,11 @@ def test_bad_inputs(store, tmp_path):
     with pytest.raises(WbcError, match="out of range"):
         train(store, tmp_path / "r", FAST, fold=7)
     with pytest.raises(WbcError, match="unknown backbone"):
-        train(store, tmp_path / "r", TrainConfig(backbone="r51"))
+        train(store, tmp_path / "r", Stage1Config(backbone="r51"))
     with pytest.raises(WbcError, match="multiple"):
-        train(store, tmp_path / "r", TrainConfig(**{**FAST.__dict__, "batch_size": 7, "accum_steps": 2}))
+        train(store, tmp_path / "r", Stage1Config(**{**FAST.__dict__, "batch_size": 7, "accum_steps": 2}))
     with pytest.raises(WbcError, match="unknown augmentation"):
-        train(store, tmp_path / "r", TrainConfig(**{**FAST.__dict__, "augment": "mixup"}))
+        train(store, tmp_path / "r", Stage1Config(**{**FAST.__dict__, "augment": "mixup"}))
 
 
 def test_training_folds_missing_a_class_warns(store, tmp_path, caplog):
@@ -124,7 +124,7 @@ def test_training_folds_missing_a_class_warns(store, tmp_path, caplog):
         fold = f["fold"][:]
         fold[(f["labels"][:] == 2) & (fold >= 0)] = 0  # every CV image of class C in fold 0
         f["fold"][...] = fold
-    train(copy, tmp_path / "r", TrainConfig(**{**FAST.__dict__, "epochs": 1}), fold=0)
+    train(copy, tmp_path / "r", Stage1Config(**{**FAST.__dict__, "epochs": 1}), fold=0)
     assert any("have no C" in r.getMessage() for r in caplog.records)
 
 
@@ -212,7 +212,7 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     single-process step up to float rounding; rank 1 writes nothing.
     """
     store = make_tiny_store(tmp_path / "s.h5", n_per_class=11, size=40)
-    cfg = TrainConfig(**{**FAST.__dict__, "backbone": "test_efficientnet_gn", "epochs": 2, "device": "cpu"})
+    cfg = Stage1Config(**{**FAST.__dict__, "backbone": "test_efficientnet_gn", "epochs": 2, "device": "cpu"})
     ctx = mp.get_context("fork")
     port = _free_port()
     procs = [ctx.Process(target=_ddp_rank, args=(r, 2, port, store, tmp_path / "ddp", cfg)) for r in (0, 1)]
@@ -240,7 +240,7 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
 
 
 def test_throughput_probe_runs_both_precisions():
-    from wbc.engine.throughput import amp_speedup
+    from wbc.engine.stage1.throughput import amp_speedup
 
     r = amp_speedup("test_resnet", batch_size=2, image_size=32, steps=1, warmup=1, device="cpu")
     assert r["fp32"]["images_per_s"] > 0 and r["amp"]["images_per_s"] > 0 and r["speedup"] > 0
@@ -249,7 +249,7 @@ def test_throughput_probe_runs_both_precisions():
 
 def test_loader_workers_reproduce_the_same_weights(store, tmp_path):
     """Augmentation in 2 DataLoader workers draws from seeds fixed by (seed, epoch): same run twice, same weights."""
-    cfg = TrainConfig(**{**FAST.__dict__, "augment": "randaugment", "workers": 2, "epochs": 1})
+    cfg = Stage1Config(**{**FAST.__dict__, "augment": "randaugment", "workers": 2, "epochs": 1})
     (a,) = train(store, tmp_path / "a", cfg, fold=0)
     (b,) = train(store, tmp_path / "b", cfg, fold=0)
     wa, wb = _weights(a / "last.pt"), _weights(b / "last.pt")
@@ -258,7 +258,7 @@ def test_loader_workers_reproduce_the_same_weights(store, tmp_path):
 
 def test_resume_of_a_checkpoint_older_than_the_recipe_setting():
     """A last.pt written before `recipe` existed resumes as the paper recipe, and only as that."""
-    from wbc.engine.checkpointing import check_resumable
+    from wbc.engine.stage1.checkpointing import check_resumable
     from wbc.errors import WbcError
 
     old = {"store_content_id": "s", "config": {"epochs": 3, "lr": 1e-4}}

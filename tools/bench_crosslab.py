@@ -155,7 +155,7 @@ def write_pbc_subset(degradation: str, severity: int) -> Path:
     from PIL import Image
 
     from wbc.degrade import degrade_batch
-    from wbc.engine.robustness import stratified_subset
+    from wbc.engine.evaluate.robustness import stratified_subset
     from wbc.store import open_store
 
     d = OUT / "pbc-sets" / f"{degradation}-{severity}"
@@ -277,8 +277,8 @@ def zoom_line(est: dict | None) -> str:
 
 def subset_cache() -> Path:
     """Features of a stratified subset of training, validation (fold 0) and test rows."""
-    from wbc.engine.extract import ExtractConfig, extract
-    from wbc.engine.robustness import stratified_subset
+    from wbc.engine.evaluate.robustness import stratified_subset
+    from wbc.engine.extract.run import ExtractConfig, extract
     from wbc.store import open_store
 
     out = OUT / "features.zarr"

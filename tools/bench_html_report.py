@@ -89,8 +89,8 @@ def main() -> None:
     p.add_argument("--section", default="HTML report (issue 16)")
     a = p.parse_args()
 
-    from wbc.engine.evaluate import ModelSpec, evaluate_table
-    from wbc.engine.extract import ExtractConfig, extract
+    from wbc.engine.evaluate.table1 import ModelSpec, evaluate_table
+    from wbc.engine.extract.run import ExtractConfig, extract
     from wbc.report.table1 import write_report
     from wbc.report_html import render_report, report_sources
     from wbc.store import open_store
@@ -106,7 +106,7 @@ def main() -> None:
     shutil.rmtree(sample, ignore_errors=True)
     t_extract = t_sample * len(test_rows) / min(a.sample, len(test_rows))
     if a.cache:
-        from wbc.engine.crt import crt
+        from wbc.engine.stage2.crt import crt
 
         cache, head = a.cache, a.out / "crt" / "fold0" / "head.pt"
         if not head.is_file():

@@ -1,4 +1,4 @@
-"""`wbc extract` and `wbc cache info`: thin wrappers over wbc.engine.extract and wbc.cache."""
+"""`wbc extract` and `wbc cache info`: thin wrappers over wbc.engine.extract.run and wbc.cache."""
 
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ def extract_cmd(
     other_store: Annotated[bool, typer.Option("--other-store", help="Allow a store the checkpoint was not trained on (external test set).")] = False,
 ) -> None:
     """Embed every image of a store with a frozen Stage-1 backbone under K test-time views (Zarr cache)."""
-    from wbc.engine.extract_config import ExtractConfig
+    from wbc.engine.extract.config import ExtractConfig
 
     cfg = ExtractConfig(views=views, batch_size=batch_size, workers=workers, device=device, amp=amp,
                         chunk_rows=chunk_rows, overwrite=overwrite, other_store=other_store)
-    from wbc.engine.extract import extract  # torch: after the options are checked
+    from wbc.engine.extract.run import extract  # torch: after the options are checked
 
     s = extract(source, store, out, cfg)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,4 +1,4 @@
-"""`wbc robustness`: a thin wrapper over wbc.engine.robustness.robustness."""
+"""`wbc robustness`: a thin wrapper over wbc.engine.evaluate.robustness.robustness."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def robustness(
     Degraded features are extracted once into each member's cache (groups degraded.NAME.SEVERITY)
     and read back on reruns; writes robustness.md/.json/.csv and a PNG of MF1 against severity.
     """
-    from wbc.engine.robustness import RobustnessConfig
-    from wbc.engine.robustness import robustness as run
+    from wbc.engine.evaluate.robustness import RobustnessConfig
+    from wbc.engine.evaluate.robustness import robustness as run
 
     cfg = RobustnessConfig(degradations=tuple(degradation or ()), severities=parse_severities(severities),
                            max_images=max_images, seed=seed, views=views, batch_size=batch_size,

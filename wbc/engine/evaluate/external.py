@@ -49,7 +49,7 @@ def read_labelled(source: str | Path) -> tuple[list[Path], list[str]]:
     source: a CSV with `image` (relative to the CSV) and `label` columns, or a folder of class
     sub-folders (label = the first folder under it).
     """
-    from wbc.engine.predict import list_images
+    from wbc.engine.evaluate.predict import list_images
 
     source = Path(source)
     paths, labels = list_images(source)

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from wbc.config import config_hash, save_config, to_dict
-from wbc.engine.crt import FoldCaches, stage1_val_metrics
+from wbc.engine.stage2.crt import FoldCaches, stage1_val_metrics
 from wbc.errors import WbcError
 from wbc.fsutil import atomic_write
 from wbc.losses import LossSpec

@@ -24,11 +24,11 @@ from wbc.backbones import alias_of, create_backbone, crop_resize, data_config, r
 from wbc.config import save_config, to_dict
 from wbc.data import StoreDataset, train_transform
 from wbc.device import amp_dtype
-from wbc.engine import checkpointing as ckp
 from wbc.engine import distributed as dist
-from wbc.engine.loops import NonFiniteLoss, StepSetup, predict_loader, train_epoch
-from wbc.engine.lp_ft import check_recipe, linear_probe, save_frozen
-from wbc.engine.train_config import TrainConfig
+from wbc.engine.stage1 import checkpointing as ckp
+from wbc.engine.stage1.config import Stage1Config
+from wbc.engine.stage1.loops import NonFiniteLoss, StepSetup, predict_loader, train_epoch
+from wbc.engine.stage1.lp_ft import check_recipe, linear_probe, save_frozen
 from wbc.errors import WbcError
 from wbc.folds import resolve_folds
 from wbc.fsutil import check_writable, output_lock
@@ -43,7 +43,7 @@ EpochHook = Callable[[int, torch.nn.Module], None]
 
 
 def train(
-    store_path: str | Path, out: str | Path, cfg: TrainConfig, fold: int | str | Sequence[int] = 0,
+    store_path: str | Path, out: str | Path, cfg: Stage1Config, fold: int | str | Sequence[int] = 0,
     resume: bool = False, overwrite: bool = False, on_epoch_end: EpochHook | None = None,
 ) -> list[Path]:
     """Train each requested fold in turn (`fold`: an index, a list, or "all"); returns fold dirs."""
@@ -64,7 +64,7 @@ def train(
         env.close()
 
 
-def _locked_fold(store: ImageStore, run: Path, cfg: TrainConfig, env: dist.DistEnv, **kw) -> Path:
+def _locked_fold(store: ImageStore, run: Path, cfg: Stage1Config, env: dist.DistEnv, **kw) -> Path:
     """train_fold while rank 0 holds the run dir's lock (RUN.lock): a second job training the
     same fold is refused, on every rank, before it touches the run dir (--overwrite included)."""
     with contextlib.ExitStack() as held:
@@ -110,7 +110,7 @@ def _prepare_dir(run: Path, resume: bool, overwrite: bool, env: dist.DistEnv) ->
     return None
 
 
-def _micro_batch(cfg: TrainConfig, world: int) -> int:
+def _micro_batch(cfg: Stage1Config, world: int) -> int:
     per = cfg.batch_size // (cfg.accum_steps * world)
     if per < 1 or per * cfg.accum_steps * world != cfg.batch_size:
         raise WbcError(
@@ -121,7 +121,7 @@ def _micro_batch(cfg: TrainConfig, world: int) -> int:
 
 
 def train_fold(
-    store: ImageStore, run: Path, cfg: TrainConfig, env: dist.DistEnv,
+    store: ImageStore, run: Path, cfg: Stage1Config, env: dist.DistEnv,
     resume: bool = False, overwrite: bool = False, on_epoch_end: EpochHook | None = None,
 ) -> Path:
     ckpt = _prepare_dir(run, resume, overwrite, env)
@@ -233,7 +233,7 @@ def train_fold(
     return run
 
 
-def _oom_error(cfg: TrainConfig, micro: int, run: Path) -> WbcError:
+def _oom_error(cfg: Stage1Config, micro: int, run: Path) -> WbcError:
     return WbcError(
         f"out of GPU memory with {micro} images of {cfg.crop}px per step; lower --batch-size or "
         f"raise --accum-steps (e.g. --accum-steps {cfg.accum_steps * 2}) to keep the effective batch; "
@@ -255,7 +255,7 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)  # wbc.degrade's RandomDegradation draws from `random` (workers=0 path)
 
 
-def _loader(ds, micro: int, cfg: TrainConfig, dev: torch.device, sampler, epoch: int, rank: int) -> DataLoader:
+def _loader(ds, micro: int, cfg: Stage1Config, dev: torch.device, sampler, epoch: int, rank: int) -> DataLoader:
     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch * 7919 + rank) % 2**31)
     return DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=cfg.workers,
                       generator=g, pin_memory=dev.type == "cuda", drop_last=False)

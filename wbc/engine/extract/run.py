@@ -35,8 +35,8 @@ from wbc.data import crop_images
 from wbc.device import amp_dtype
 from wbc.embed import embed_block
 from wbc.engine.distributed import DistEnv, setup
-from wbc.engine.extract_config import ExtractConfig
-from wbc.engine.extract_plan import check_pairing, prepare_output, resolve_checkpoint, row_table
+from wbc.engine.extract.config import ExtractConfig
+from wbc.engine.extract.plan import check_pairing, prepare_output, resolve_checkpoint, row_table
 from wbc.errors import WbcError
 from wbc.fsutil import check_writable, output_lock
 from wbc.log import progress

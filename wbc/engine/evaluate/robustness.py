@@ -138,7 +138,7 @@ def group_state(cache: Path, group: str, want: dict, rows: np.ndarray) -> str:
 def plan_members(ens, store, caches: list[Path] | None) -> list[Member]:
     """The ensemble's members with unique names and their caches (`caches` override the file's),
     each cache checked against its checkpoint and the store."""
-    from wbc.engine.external import row_names
+    from wbc.engine.evaluate.external import row_names
 
     if caches and len(caches) != len(ens.members):
         raise WbcError(f"{len(caches)} --cache for {len(ens.members)} ensemble members: give one per member")
@@ -179,7 +179,7 @@ def choose_rows_and_views(plans: list[Member], cfg: RobustnessConfig, store):
 
 def ensure_groups(plans, store, rows, all_rows, views, cache_views, degs, sevs, cfg, result) -> dict:
     """Extract every missing (member, degradation, severity) group; returns {(d, s): group name}."""
-    from wbc.engine.extract import ExtractConfig, extract
+    from wbc.engine.extract.run import ExtractConfig, extract
 
     suffix = _suffix(rows, all_rows, views, cache_views)
     he = store.provenance.get("stain_matrix") if store.provenance.get("stain") == "macenko" else None
