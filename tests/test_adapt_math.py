@@ -132,6 +132,23 @@ def test_review_rule_leaves_the_asked_coverage():
     assert only_conf.conf_min == pytest.approx(0.05, abs=0.01)
 
 
+def test_review_rule_class_balanced_coverage_transfers_to_a_balanced_set():
+    """Validation long-tailed (9000 common, 1000 rare cells), the rare class less confident: with the
+    labels, 90% coverage is counted per class, so a balanced set drawn from the same classes keeps
+    ~90% (plain counting keeps ~86% there, having spent the flags on the rare class)."""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(9000, int), np.ones(1000, int)]
+    conf = np.where(labels == 0, rng.uniform(0.5, 1.0, 10000), rng.uniform(0.0, 0.7, 10000))
+    rule = choose_review(conf, None, 0.9, labels)
+    w = np.where(labels == 0, 1 / 9000, 1 / 1000) / 2  # independent: each class half the weight
+    kept = (w * ~rule.flags(conf, None)).sum()
+    assert 0.9 <= kept <= 0.9 + 0.00051 and rule.achieved == pytest.approx(kept)  # within one rare cell
+    bal = np.r_[rng.uniform(0.5, 1.0, 5000), rng.uniform(0.0, 0.7, 5000)]
+    assert 1 - rule.flags(bal, None).mean() == pytest.approx(0.9, abs=0.02)
+    plain = choose_review(conf, None, 0.9)
+    assert 1 - plain.flags(bal, None).mean() < 0.88
+
+
 def test_risk_coverage_matches_brute_force():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 300)

@@ -119,6 +119,24 @@ def test_linear_probe_changes_no_backbone_weight(tmp_path):
     assert ds.transform is not None  # the dataset keeps its augmentation for the fine-tuning phase
 
 
+def test_linear_probe_chooses_l2_on_validation(tmp_path):
+    """With validation images the probe keeps the L2 strength with the best validation Macro-F1: a
+    crushing L2 (weights ~0, every cell called one class) loses to a light one; alone it is kept."""
+    import copy
+
+    torch.manual_seed(0)
+    model, ds, dcfg = _tiny_ds(tmp_path)
+    setup = StepSetup(torch.device("cpu"), dcfg["mean"], dcfg["std"], None, False, 1)
+    val = copy.copy(ds)
+    val.transform = None
+    out = linear_probe(model, ds, setup, batch=8, steps=200, val_ds=val, l2_grid=(1e-4, 1e3))
+    assert out["probe_l2"] == 1e-4 and out["probe_val_mf1"] > 0.5
+    light = model.get_classifier().weight.norm().item()
+    out = linear_probe(model, ds, setup, batch=8, steps=200, val_ds=val, l2_grid=(1e3,))
+    assert out["probe_l2"] == 1e3 and "probe_val_mf1" not in out  # one strength: nothing to choose
+    assert model.get_classifier().weight.norm().item() < 0.2 * light
+
+
 def test_lp_ft_and_frozen_recipes_train(tmp_path):
     store = make_tiny_store(tmp_path / "s.h5", n_per_class=6, size=40)
     (run,) = train(store, tmp_path / "lpft", Stage1Config(**{**TINY.__dict__, "recipe": "lp-ft"}), fold=0)
@@ -185,6 +203,37 @@ def test_interpolation_endpoints_and_midpoint(tmp_path):
         interpolate(ckpt, [0.5], tmp_path / "wise")
     with pytest.raises(WbcError, match="between 0"):
         interpolate(ckpt, [1.5], tmp_path / "wise2")
+
+
+def test_recalibrate_bn_sets_source_statistics_and_nothing_else(tmp_path):
+    """--recalibrate-bn: weights as plain interpolation; BatchNorm running means become the training
+    images' own (first layer checked against its input's per-channel mean, computed directly)."""
+    from wbc.adapt.bn import bn_layers
+    from wbc.data import crop_images, normalize
+    from wbc.store import open_store
+
+    store, _, ckpt = _finetuned(tmp_path)
+    (plain,) = interpolate(ckpt, [0.5], tmp_path / "wise")
+    (recal,) = interpolate(ckpt, [0.5], tmp_path / "wise-bn", recalibrate_bn=True)
+    a, b = torch.load(plain, weights_only=True), torch.load(recal, weights_only=True)
+    stats = [k for k in a["model"] if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if k not in stats)
+    assert not torch.equal(a["model"][stats[0]], b["model"][stats[0]])
+    assert b["wise"]["bn_recalibrated"] and "bn_recalibrated" not in a
+    model, meta = load_checkpoint(plain)
+    first = bn_layers(model)[0]
+    seen = []
+    first.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0]))
+    st = open_store(store)
+    folds = np.asarray(st.folds)
+    rows = np.flatnonzero((folds >= 0) & (folds != 0))
+    x = normalize(crop_images(st.images(rows), meta["data_config"]), meta["data_config"]["mean"], meta["data_config"]["std"])
+    with torch.no_grad():
+        model(x)
+    want = seen[0].mean(dim=(0, 2, 3))
+    name = next(n for n, m in model.named_modules() if m is first)
+    torch.testing.assert_close(b["model"][f"{name}.running_mean"], want, rtol=1e-4, atol=1e-5)
+    assert b["bn_recalibrated"]["n_images"] == len(rows)
 
 
 # ---- CLI through the installed script ------------------------------------------------------------

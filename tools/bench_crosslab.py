@@ -11,6 +11,7 @@ beta 0.99, gamma 2, lam 1):
      so it cannot change), and the review flags / risk-coverage on it and on JTSC.
 
 Knobs (environment): CKPT, CACHE, STORE, JTSC (manifest), OUT (default cache/xlab-bench),
+SECTION (BENCHMARKS.md section, default crosslab; TITLE its heading's tail, e.g. the model),
 MAX_IMAGES (PBC-LT subset, default 200), DEGRADED (name:severity,... default
 stain_jitter:4,gaussian_blur:3), PBC_VIEWS (views of the PBC-LT ladders, default identity,rot90: CPU
 time), SKIP_EXTRA=1 (no CORAL / AdaBN-without-zoom rows on JTSC), SKIP_PBC=1 (JTSC only).
@@ -50,6 +51,8 @@ SUBSET = os.environ.get("SUBSET", "")
 VIEWS = os.environ.get("VIEWS", "d4")
 HEAD = os.environ.get("HEAD", "crt")
 LABEL_MAP = "SNE=NE,BNE=NE"
+SECTION = os.environ.get("SECTION", "crosslab")
+TITLE = os.environ.get("TITLE", "")
 
 
 def run(args: list, done: Path | None = None) -> None:
@@ -208,9 +211,9 @@ def pct(v) -> str:
 
 
 def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: float) -> str:
-    import torch
+    from wbc.backbones import load_file
 
-    epoch = torch.load(CKPT, map_location="cpu", weights_only=False).get("epoch")
+    epoch = load_file(CKPT).get("epoch")
     head = ("cRT head `wbc crt --fold 0 --beta 0.99 --gamma 2 --lam 1`" if HEAD == "crt"
             else "the Stage-1 classifier (no cRT)")
     cache = (f"an own cache of a stratified subset of {SUBSET} training/validation/test rows" if SUBSET
@@ -326,7 +329,8 @@ def main() -> None:
         pbc["clean" if sev == "0" else f"{name} {sev}"] = ladder(f"pbc-{name}-{sev}", manifest, ens_pbc, None, False)
         (OUT / "results.json").write_text(json.dumps({"jtsc": jtsc, "pbc": pbc, "clean": clean}, indent=1, default=float))
     body = render(jtsc, pbc, clean, time.time() - t0)
-    write_section("crosslab", "## Cross-lab adaptation (`tools/bench_crosslab.py`)\n\n" + body)
+    head = f"## Cross-lab adaptation (`tools/bench_crosslab.py`){': ' + TITLE if TITLE else ''}"
+    write_section(SECTION, head + "\n\n" + body)
     print(body)
 
 

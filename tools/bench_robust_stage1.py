@@ -65,19 +65,22 @@ def stage1(args, work: Path, name: str) -> Path:
 
 
 def _complete(best: Path) -> bool:
-    import torch
+    from wbc.backbones import load_file
 
-    return best.is_file() and bool(torch.load(best, map_location="cpu", weights_only=False).get("complete"))
+    return best.is_file() and bool(load_file(best).get("complete"))
 
 
-def wise(args, work: Path, recipe: str, best: Path, alpha: float) -> Path:
+def wise(args, work: Path, recipe: str, best: Path, alpha: float, bn: bool = False) -> Path:
+    """`wbc interpolate` of the recipe's run (alpha 1: the run itself, unless `bn`: then
+    `--recalibrate-bn`, BatchNorm statistics re-estimated on the training images)."""
     from wbc.engine.stage1.interpolate import alpha_dir, interpolate
 
-    if alpha == 1.0:
+    if alpha == 1.0 and not bn:
         return best
-    ckpt = alpha_dir(work / "wise" / recipe, alpha) / "fold0" / "best.pt"
+    where = work / "wise" / (recipe + ("-bn" if bn else ""))
+    ckpt = alpha_dir(where, alpha) / "fold0" / "best.pt"
     if not ckpt.is_file():
-        interpolate(best, [alpha], work / "wise" / recipe)
+        interpolate(best, [alpha], where, recalibrate_bn=bn)
     return ckpt
 
 
@@ -176,6 +179,60 @@ def score(args, work: Path, name: str, ckpt: Path) -> dict:
     return add_zoomed(args, work, out)
 
 
+def add_adapted(args, work: Path, name: str) -> dict:
+    """JTSC through `wbc adapt` (no label read) on this row's ensemble: zoom only, and the defaults
+    (zoom + AdaBN + mean/std alignment). The zoom is estimated once (it depends on the images and
+    the store only) and reused. Cached in work/results/NAME.adapt.json."""
+    from tools.bench_crosslab import score as score_adapted
+    from wbc.adapt import AdaptConfig, adapt
+
+    path = work / "results" / f"{name}.adapt.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    ens = work / "ensembles" / f"{name}.yaml"
+    zpath = work / "results" / "_jtsc_zoom.json"
+    if not zpath.is_file():
+        res = adapt(args.jtsc, ens, work / "adapted" / name / "zoom.yaml", AdaptConfig(bn=False, align="none", device="cpu"))
+        zpath.write_text(json.dumps(res.doc["steps"]["zoom"], default=float))
+    zoom = str(json.loads(zpath.read_text())["zoom"])
+    out = {}
+    for key, cfg in (("jtsc_zoom", AdaptConfig(zoom=zoom, bn=False, align="none", device="cpu")),
+                     ("jtsc_adapted", AdaptConfig(zoom=zoom, device="cpu"))):
+        res = adapt(args.jtsc, ens, work / "adapted" / name / f"{key}.yaml", cfg)
+        sc = score_adapted(res, Path(args.jtsc), res_classes(ens), args.label_map)
+        out[f"{key}_mf1"] = float(sc["mf1"])
+    out["jtsc_zoom_value"] = float(zoom)
+    path.write_text(json.dumps(out))
+    return out
+
+
+def res_classes(ens: Path) -> list[str]:
+    import yaml
+
+    return yaml.safe_load(ens.read_text())["class_names"]
+
+
+def bn_rows(args, work: Path) -> None:
+    """Rows `RECIPE-aA-bn`: WiSE with BatchNorm statistics re-estimated on the training images, for
+    each alpha of --bn-alphas (0 = the pretrained backbone under source statistics)."""
+    for recipe in args.recipes:
+        best = work / "runs" / recipe / "fold0" / "best.pt"
+        if not _complete(best):
+            continue
+        for a in args.bn_alphas:
+            name = f"{recipe}-a{a:g}-bn"
+            score(args, work, name, wise(args, work, recipe, best, a, bn=True))
+            print(name, add_adapted(args, work, name), flush=True)
+
+
+def adapt_all(args, work: Path) -> None:
+    for p in sorted((work / "results").glob("*.json")):
+        name = p.stem
+        if name.endswith((".zoom", ".adapt")) or name.startswith(("ens-", "_")) or not (work / "ensembles" / f"{name}.yaml").is_file():
+            continue
+        print(name, add_adapted(args, work, name), flush=True)
+
+
 def plan(recipes: list[str]) -> list[tuple[str, float | None]]:
     """(recipe, alpha) in the order run: breadth first, so a short budget still answers the main
     question: the fine-tuned model, its WiSE midpoint and the frozen floor (alpha None), then each
@@ -260,21 +317,32 @@ def _choice(res: dict, zoom: bool, paper: dict | None) -> str:
 def load_results(work: Path) -> dict:
     res = {}
     for p in sorted((work / "results").glob("*.json")):
-        if p.name.endswith(".zoom.json"):
+        if p.stem.endswith((".zoom", ".adapt")) or p.stem.startswith("_"):
             continue
         r = json.loads(p.read_text())
-        z = p.with_name(p.stem + ".zoom.json")
-        res[p.stem] = {**r, **(json.loads(z.read_text()) if z.is_file() else {})}
+        for extra in (p.with_name(p.stem + ".zoom.json"), p.with_name(p.stem + ".adapt.json")):
+            r.update(json.loads(extra.read_text()) if extra.is_file() else {})
+        res[p.stem] = r
     return res
+
+
+def _zoom_note(work: Path) -> str:
+    z = work / "results" / "_jtsc_zoom.json"
+    if not z.is_file():
+        return "auto"
+    d = json.loads(z.read_text())
+    return f"auto = {d['zoom']:g}" + (f", raw {d['estimate']['raw']:.3f}" if d.get("estimate") else "")
 
 
 def report(args, work: Path) -> str:
     res = load_results(work)
-    order = {n: i for i, n in enumerate(["frozen"] + [f"{rc}-a{a:g}" for rc in RECIPES for a in (0.25, 0.5, 0.75, 1.0)])}
+    order = {n: i for i, n in enumerate(["frozen"] + [f"{rc}-a{a:g}{bn}" for rc in RECIPES for bn in ("", "-bn")
+                                                     for a in (0, 0.25, 0.5, 0.75, 1.0)])}
     names = sorted(res, key=lambda n: order.get(n, 99))
     table = "\n".join(
         f"| {n} | {_pct(r['val_mf1'])} | {_pct(r.get('degraded_val_mf1'))} | {_pct(r.get('zoomed_val_mf1'))} | "
-        f"{_pct(r['test_mf1'])} | {_pct(r['degraded_test_mf1'])} | {_pct(r['jtsc_mf1'])} |"
+        f"{_pct(r['test_mf1'])} | {_pct(r['degraded_test_mf1'])} | {_pct(r['jtsc_mf1'])} | "
+        f"{_pct(r.get('jtsc_zoom_mf1'))} | {_pct(r.get('jtsc_adapted_mf1'))} |"
         for n, r in ((n, res[n]) for n in names))
     paper = res.get("paper-a1")
     return f"""## Robust Stage 1: recipes x WiSE-FT alpha, frozen member (tools/bench_robust_stage1.py)
@@ -290,16 +358,18 @@ evaluate` (PBC-LT test, 900 images), `wbc robustness --max-images 300 --degradat
 degradations on 300 fold-0 validation images (degraded val), the same 300 validation images with the
 cells rescaled 1/1.6x and 1.6x in the frame (zoomed val, `wbc.sources.zoom_image`), and `wbc ensemble
 save` + `wbc evaluate --external {args.jtsc} --label-map {LABEL_MAP}` (JTSC, 300 cells, 5 classes, as is,
-no --zoom). JTSC is never used to choose. Macro-F1, %.
+no --zoom); then `wbc adapt JTSC --ensemble ROW.yaml` (no label read) with the zoom alone (`--no-bn
+--align none`, zoom {_zoom_note(work)}) and with its defaults (zoom, AdaBN, mean/std alignment).
+JTSC is never used to choose. Macro-F1, %.
 
-| row | val | degraded val | zoomed val | PBC-LT test | degraded test | JTSC |
-|---|---|---|---|---|---|---|
+| row | val | degraded val | zoomed val | PBC-LT test | degraded test | JTSC | JTSC zoom auto | JTSC adapted |
+|---|---|---|---|---|---|---|---|---|
 {table}
 
 Chosen by mean(val, degraded val) (the issue's rule): {_choice(res, False, paper)}.
 Chosen by mean(val, degraded val, zoomed val): {_choice(res, True, paper)}.
 
-Machine: {machine()}; 2 cores shared with six other agents' jobs.
+Machine: {machine()}; {args.machine_note}
 """
 
 
@@ -314,14 +384,23 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--recipes", default="paper,scale-degr,lp-ft,scale")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--adapt-only", action="store_true", help="add the JTSC adapt columns to finished rows")
+    p.add_argument("--bn-only", action="store_true", help="only the rows with --recalibrate-bn (see --bn-alphas)")
+    p.add_argument("--bn-alphas", default="0,0.5,0.25,1")
+    p.add_argument("--machine-note", default="", help="what else ran on the machine meanwhile")
     p.add_argument("--notes", help="markdown file appended to the section (the reading of the grid)")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = p.parse_args()
     args.recipes = [r for r in args.recipes.split(",") if r]
+    args.bn_alphas = [float(a) for a in args.bn_alphas.split(",") if a]
     from wbc.log import setup_logging
 
     setup_logging()
-    if not args.report_only:
+    if args.adapt_only:
+        adapt_all(args, args.work)
+    elif args.bn_only:
+        bn_rows(args, args.work)
+    elif not args.report_only:
         run_all(args, args.work)
     body = report(args, args.work)
     if args.notes:  # the reading of the numbers, kept beside them when the table is regenerated

@@ -5,7 +5,8 @@
   smallest Mahalanobis distance to a class mean under the shared within-class covariance (Lee et
   al. 2018), fitted on the cached training features. Averaged over members.
 - `review`: confidence below t_conf OR ood_score above t_ood, both chosen on the source validation
-  fold so that a stated fraction of in-domain cells (default 95%) is left to the model.
+  fold so that a stated fraction of in-domain cells (default 95%, every class weighing the same)
+  is left to the model.
 - Risk-coverage: cells ranked by confidence; accuracy and Macro-F1 of the most confident fraction
   against that fraction; AURC = mean error over every coverage k/N (Geifman & El-Yaniv 2017).
 """
@@ -76,28 +77,50 @@ class ReviewRule:
                 "coverage": float(self.coverage), "achieved": float(self.achieved), "n_val": int(self.n_val)}
 
 
-def choose_review(confidence: np.ndarray, ood: np.ndarray | None, coverage: float = 0.95) -> ReviewRule:
+def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """(N,) weights summing to 1 with every class present holding the same total."""
+    y = np.asarray(labels)
+    _, inv, counts = np.unique(y, return_inverse=True, return_counts=True)
+    w = 1.0 / counts[inv]
+    return w / w.sum()
+
+
+def weighted_quantile(x: np.ndarray, q: float, w: np.ndarray) -> float:
+    """The smallest x whose cumulative weight (sorted ascending) reaches q; w sums to 1."""
+    order = np.argsort(x, kind="stable")
+    cw = np.cumsum(w[order])
+    return float(x[order][min(np.searchsorted(cw, q - 1e-12), len(x) - 1)])
+
+
+def choose_review(confidence: np.ndarray, ood: np.ndarray | None, coverage: float = 0.95,
+                  labels: np.ndarray | None = None) -> ReviewRule:
     """Thresholds leaving `coverage` of these (in-domain validation) cells un-flagged, the flagged
-    share split evenly between low confidence and high OOD score (bisection on the quantile q)."""
+    share split evenly between low confidence and high OOD score (bisection on the quantile q).
+
+    With `labels`, coverage is counted class-balanced (every class weighs the same): validation
+    folds are long-tailed like training, while a lab's review load and the held-out test are not;
+    rare classes are the least confident, so plain counting flags far more than asked on a
+    balanced set (83% un-flagged for 95% asked, PBC-LT test)."""
     if not 0 < coverage <= 1:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     conf = np.asarray(confidence, np.float64)
     ood_v = None if ood is None else np.asarray(ood, np.float64)
+    w = np.full(len(conf), 1 / len(conf)) if labels is None else class_balanced_weights(labels)
 
     def rule(q: float) -> tuple[float, float]:
-        c = float(np.quantile(conf, q)) if q > 0 else -np.inf
-        o = float(np.quantile(ood_v, 1 - q)) if ood_v is not None and q > 0 else np.inf
+        c = weighted_quantile(conf, q, w) if q > 0 else -np.inf
+        o = weighted_quantile(ood_v, 1 - q, w) if ood_v is not None and q > 0 else np.inf
         return c, o
+
+    def kept(c: float, o: float) -> float:
+        return float(1 - (w * ReviewRule(c, o, coverage, 0, 0).flags(conf, ood_v)).sum())
 
     lo, hi = 0.0, 1.0 - coverage
     for _ in range(40):
         mid = (lo + hi) / 2
-        c, o = rule(mid)
-        kept = 1 - ReviewRule(c, o, coverage, 0, 0).flags(conf, ood_v).mean()
-        lo, hi = (mid, hi) if kept > coverage else (lo, mid)
+        lo, hi = (mid, hi) if kept(*rule(mid)) > coverage else (lo, mid)
     c, o = rule(lo)
-    kept = 1 - ReviewRule(c, o, coverage, 0, 0).flags(conf, ood_v).mean()
-    return ReviewRule(c, o, coverage, float(kept), len(conf))
+    return ReviewRule(c, o, coverage, kept(c, o), len(conf))
 
 
 def risk_coverage(y_true: np.ndarray, y_pred: np.ndarray, score: np.ndarray, num_classes: int,

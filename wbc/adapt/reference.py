@@ -77,13 +77,15 @@ def review_rule(refs: list[MemberReference], coverage: float) -> tuple[ReviewRul
     if same:
         probs = np.mean([r.val_probs for r in refs], axis=0)
         ood = np.mean([r.val_ood for r in refs], axis=0)
+        labels = refs[0].val_labels
         how = f"ensemble on validation fold {refs[0].val_fold} ({len(ood)} cells)"
     else:
         probs = np.concatenate([r.val_probs for r in refs])
         ood = np.concatenate([r.val_ood for r in refs])
+        labels = None if any(r.val_labels is None for r in refs) else np.concatenate([r.val_labels for r in refs])
         how = "members on their own validation folds, pooled (no fold is held out from all members)"
         log.warning("review thresholds: %s", how)
-    return choose_review(probs.max(axis=1), ood, coverage), how
+    return choose_review(probs.max(axis=1), ood, coverage, labels), how + (", classes weighted equally" if labels is not None else "")
 
 
 def save_arrays(path: Path, **arrays: np.ndarray) -> Path:

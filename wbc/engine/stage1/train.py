@@ -161,8 +161,10 @@ def train_fold(
             scaler.load_state_dict(ts["scaler"])
         stop, start = dict(ts["stopper"]), int(ckpt["epoch"])
         log.info("fold %d: resuming %s after epoch %d", cfg.fold, run, start)
-    if ckpt is None and cfg.recipe in ("lp-ft", "frozen-pretrained"):  # a resume holds the probed head
-        linear_probe(model, train_ds, StepSetup(dev, dcfg["mean"], dcfg["std"], amp, cl, 1), micro)
+    # A resume holds the probed head. Under DDP each rank validates its own share, so ranks may pick
+    # different L2 strengths: DDP's constructor below broadcasts rank 0's head to all of them.
+    if ckpt is None and cfg.recipe in ("lp-ft", "frozen-pretrained"):
+        linear_probe(model, train_ds, StepSetup(dev, dcfg["mean"], dcfg["std"], amp, cl, 1), micro, val_ds=val_ds)
     net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if env.distributed else model
 
