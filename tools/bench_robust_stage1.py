@@ -143,8 +143,9 @@ def add_zoomed(args, work: Path, r: dict) -> dict:
 
 def score(args, work: Path, name: str, ckpt: Path) -> dict:
     """Every number of one row; cached in work/results/NAME.json."""
+    from wbc.engine.evaluate.config import RobustnessConfig
     from wbc.engine.evaluate.external import evaluate_external
-    from wbc.engine.evaluate.robustness import RobustnessConfig, robustness
+    from wbc.engine.evaluate.robustness import robustness
     from wbc.engine.evaluate.table1 import ModelSpec, evaluate_table
     from wbc.engine.extract.run import ExtractConfig, extract
     from wbc.engine.stage2.crt import crt
@@ -248,8 +249,9 @@ def score_ensemble(args, work: Path, names: list[str]) -> dict:
     """The frozen member beside a fine-tuned one (`wbc ensemble save` with two members): val and test
     from the caches, degraded test from the cached groups, JTSC through the images. Informative
     only: no degraded or zoomed validation, so it is not a candidate of the choice."""
+    from wbc.engine.evaluate.config import RobustnessConfig
     from wbc.engine.evaluate.external import evaluate_external
-    from wbc.engine.evaluate.robustness import RobustnessConfig, robustness
+    from wbc.engine.evaluate.robustness import robustness
     from wbc.engine.evaluate.table1 import ModelSpec, evaluate_table
     from wbc.ensemble import Member, ensemble_probs, member_output, save_ensemble
     from wbc.metrics import classification_metrics

@@ -19,8 +19,8 @@ _D = Stage1Config()  # defaults come from the config, so the CLI never disagrees
 @app.command()
 def train(
     store: Annotated[Path, typer.Argument(help="HDF5 image store (from `wbc prepare` + `wbc split`).")],
-    backbone: Annotated[str, typer.Option(help="r50, r152, swin, lite0/1/2 or any timm model name.")] = "r50",
-    fold: Fold = "0",
+    backbone: Annotated[str, typer.Option(help="r50, r152, swin, lite0/1/2 or any timm model name.")] = _D.backbone,
+    fold: Fold = str(_D.fold),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run dir (default runs/BACKBONE); "
                                              "each fold writes OUT/fold{K}/.")] = None,
     pretrained: Annotated[str, typer.Option(help="hub (timm download), none, package "

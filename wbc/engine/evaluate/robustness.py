@@ -24,6 +24,7 @@ import numpy as np
 
 from wbc.cache import group_path, open_cache, open_group, read_attrs
 from wbc.degrade import DEGRADATIONS, MAX_SEVERITY, degrade_batch, describe, names
+from wbc.engine.evaluate.config import RobustnessConfig
 from wbc.ensemble import Member, member_output, view_probs
 from wbc.errors import WbcError
 from wbc.folds import TEST
@@ -31,19 +32,6 @@ from wbc.metrics import classification_metrics
 from wbc.report.robustness import summarise, write_robustness_report
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RobustnessConfig:
-    degradations: tuple[str, ...] = ()  # () = every registered degradation except `none`
-    severities: tuple[int, ...] = (1, 2, 3, 4)  # 0 (clean) is always scored, from the main cache
-    max_images: int = 0  # 0 = every held-out test row; else a stratified subset (CPU budgets)
-    seed: int = 0  # draws that subset
-    views: str = ""  # views of the degraded extraction; "" = the cache's own views
-    batch_size: int = 0  # extraction: images per forward pass (0 = 32 GPU / 8 CPU)
-    workers: int = 2  # extraction: loader processes (they also run the degradations)
-    device: str = "auto"
-    amp: bool = True
 
 
 @dataclass
@@ -221,9 +209,10 @@ def _probs(p: Member, rows: np.ndarray, vidx: list[int], groups: dict) -> dict:
 
 
 def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Path,
-               cfg: RobustnessConfig = RobustnessConfig(), caches: list[Path] | None = None) -> RobustnessResult:
+               cfg: RobustnessConfig | None = None, caches: list[Path] | None = None) -> RobustnessResult:
     """Score each member and the ensemble per degradation x severity on the held-out test rows of
     `store_path`; write robustness.md/.json/.csv/.png under `out`. caches override the members'."""
+    cfg = cfg or RobustnessConfig()
     from wbc.adapt.bundle import is_adapted
     from wbc.ensemble import load_ensemble
     from wbc.store import open_store
