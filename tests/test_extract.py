@@ -283,6 +283,10 @@ def test_cli_extract_and_cache_info(env, tmp_path, capsys):
             "--chunk-rows", "4", "--workers", "0", "--batch-size", "3"]
     main(args)
     assert_same_store(out, env.ref)
+    ran = open_cache(out).attrs["ran"]  # what ran, beside what was asked (amp on by default)
+    assert open_cache(out).attrs["config"]["amp"]
+    if ran["device"] == "cpu":
+        assert not ran["amp"] and ran["dtype"] == "float32"
     with pytest.raises(SystemExit) as e:
         main(args)  # complete output without --overwrite
     assert e.value.code == 2

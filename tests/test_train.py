@@ -10,11 +10,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tests.fixtures import make_tiny_store
 from wbc.backbones import create_backbone, load_checkpoint
 from wbc.cli import main
 from wbc.config import load_config
+from wbc.device import resolve_device
 from wbc.engine.stage1 import train as tb
 from wbc.engine.stage1.train import Stage1Config, train
 from wbc.errors import WbcError
@@ -46,6 +48,11 @@ def test_short_run_lowers_loss_and_writes_outputs(store, tmp_path):
         assert np.isfinite(rows[-1][key])
     cfg = load_config(Stage1Config, run / "config.yaml")
     assert cfg.fold == 1 and cfg.resize == 53 and cfg.weight_decay == FAST.weight_decay
+    ran = yaml.safe_load((run / "config.yaml").read_text())["ran"]  # what ran, beside what was asked
+    dev = resolve_device(FAST.device)
+    assert ran["device"] == str(dev) and ran["processes"] == 1 and ran["micro_batch"] == FAST.batch_size
+    if dev.type != "cuda":  # AMP asked (the default), but only CUDA runs it: a CPU runs fp32
+        assert cfg.amp and not ran["amp"] and ran["dtype"] == "float32"
     model, meta = load_checkpoint(run / "best.pt")
     assert model.get_classifier().out_features == 3
     assert meta["class_names"] == ["A", "B", "C"] and meta["fold"] == 1 and meta["complete"]

@@ -144,6 +144,11 @@ def _attrs(ckpt, meta, st, views, image_transform, amp, d: DistEnv, cfg) -> dict
         "image_transform": image_transform, "wbc_version": __version__,
         "amp": str(amp).replace("torch.", "") if amp else None, "device": d.device.type,
         "config": to_dict(cfg), "created": dt.datetime.now().isoformat(timespec="seconds"),
+        # what ran, beside what was asked in `config` (amp is asked; only CUDA runs it)
+        "ran": {"device": str(d.device), "amp": amp is not None,  # processes: timings["ranks"]
+                "dtype": str(amp or torch.float32).replace("torch.", ""), "features_dtype": "float16",
+                "channels_last": cfg.channels_last,
+                "torch": torch.__version__.split("+")[0]},
     }
 
 

@@ -173,7 +173,7 @@ def train_fold(
             "config": to_dict(cfg), "data_config": dcfg}
     if env.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
+        save_config({**to_dict(cfg), "ran": _ran(dev, amp, cl, micro, env)}, run / "config.yaml")
         ckp.truncate_metrics(run / "metrics.jsonl", start)
     setup = StepSetup(dev, dcfg["mean"], dcfg["std"], amp, cl, cfg.accum_steps)
     if cfg.recipe == "frozen-pretrained":  # no fine-tuning: the pretrained backbone, probed head
@@ -233,6 +233,16 @@ def train_fold(
                 log.info("fold %d: early stop, no better val MF1 for %d epochs", cfg.fold, cfg.patience)
             break
     return run
+
+
+def _ran(dev: torch.device, amp: torch.dtype | None, channels_last: bool, micro: int, env: dist.DistEnv) -> dict:
+    """What ran, beside what was asked (`amp: true` asks; only CUDA runs it)."""
+    from wbc import __version__
+
+    return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "amp": amp is not None, "dtype": str(amp or torch.float32).replace("torch.", ""),
+            "grad_scaler": amp == torch.float16, "channels_last": channels_last, "processes": env.world,
+            "micro_batch": micro, "torch": torch.__version__.split("+")[0], "wbc": __version__}
 
 
 def _oom_error(cfg: Stage1Config, micro: int, run: Path) -> WbcError:
