@@ -93,6 +93,10 @@ def test_zoom_recovers_a_known_scale_and_one_when_scales_match(crowd):
     assert est.zoom == pytest.approx(0.1 / 0.16, rel=0.06) and est.reason == "scales differ"
     assert est.low < est.raw < est.high
     assert estimate_zoom(src, same).zoom == 1.0
+    # 15% apart, clearly measured: still 1 (a class-mix change moves nucleus sizes that much)
+    near = sizes(disc_image(rng, radius=0.1 / 0.85, crowd=crowd) for _ in range(30))
+    est = estimate_zoom(src, near)
+    assert est.high < 1.0 and est.zoom == 1.0 and "within 20%" in est.reason
 
 
 def test_zoom_counts_unmeasurable_images_and_refuses_too_few():
