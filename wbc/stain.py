@@ -23,8 +23,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where it is used: `prepare` on the CPU never needs it
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -48,9 +48,10 @@ class Fit:
     max_conc: np.ndarray
 
 
-def fit(image: np.ndarray, params: StainParams = StainParams()) -> Fit:
+def fit(image: np.ndarray, params: StainParams | None = None) -> Fit:
     """Macenko's estimate for one (H, W, 3) uint8 image; raises StainError where `wbc.stain`
     refuses the image (too little stain, near-uniform, degenerate matrix)."""
+    params = params or StainParams()
     _check_rgb(image)
     x = np.ascontiguousarray(image).reshape(-1, 3)
     # OD >= beta in every channel: max over channels <= a threshold (OD falls as the value rises)
@@ -166,7 +167,7 @@ class NumpyMacenko:
         return self.normalize_with_info(image)[0]
 
 
-def estimate(image: np.ndarray, params: StainParams = StainParams()) -> tuple[np.ndarray, np.ndarray]:
+def estimate(image: np.ndarray, params: StainParams | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stain matrix (3, 2) and max concentrations (2,), float64, of one image (a template), as
     `wbc.stain.estimate_stain` gives them from torchstain. Raises StainError."""
     f = fit(image, params)
