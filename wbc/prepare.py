@@ -1,7 +1,7 @@
 """`prepare_store`: source images -> Macenko-normalised, resized HDF5 store (resumable).
 
-Pipeline per image (in worker threads for the batched backend and --no-stain, `wbc.prepare_batch`;
-in worker processes for torchstain): decode to RGB, normalise onto the template at source
+Pipeline per image (in worker threads for the batched backend, `wbc.prepare_batch`; in worker
+processes for torchstain): decode to RGB, normalise onto the template at source
 resolution, resize to S x S (bicubic), compress, sha256 of the source bytes. The main thread reads
 bytes, writes rows in plan order and commits a cursor every `commit_every` items, so an interrupted
 run resumes where it stopped. The batched backend on the CPU imports no torch (`wbc.stain_np`; its
@@ -282,7 +282,7 @@ def _prepare_locked(src: Source, out: Path, cfg: PrepareConfig, overwrite: bool,
     torch_here = cfg.stain and (cfg.stain_backend == "torchstain" and workers == 0
                                 or cfg.stain_backend == "batched" and device != "cpu")
     with StoreWriter(out, size=cfg.size, plan_id=plan_id, compression=cfg.compression, overwrite=overwrite) as w, \
-            _pool_ctx(workers, threads=cfg.stain_backend == "batched" or not cfg.stain, torch_here=torch_here) as pool:
+            _pool_ctx(workers, threads=cfg.stain_backend == "batched", torch_here=torch_here) as pool:
         start = w.cursor
         if w.get_meta("listed") is None:
             w.add_skipped(src.problems)
@@ -344,7 +344,7 @@ def prepare_device(spec: str) -> str:
 
 def _row_runner(cfg: PrepareConfig, pool, job: tuple, device: str):
     """tasks (index, bytes or problem) -> rows (index, stored chunk or None, stain_ok, sha, note)."""
-    if cfg.stain_backend == "batched" or not cfg.stain:
+    if cfg.stain_backend == "batched":
         from wbc.prepare_batch import batch_size_for, batched_rows
 
         size, stain, compression = job
@@ -363,7 +363,7 @@ def _row_runner(cfg: PrepareConfig, pool, job: tuple, device: str):
 
 class _pool_ctx:
     """A worker pool (or None for in-process work) that is shut down on any exit: processes, or
-    threads (the batched backend and --no-stain: their work releases the GIL)."""
+    threads (the batched backend: its work releases the GIL)."""
 
     def __init__(self, workers: int, threads: bool = False, torch_here: bool = False):
         self.pool = None

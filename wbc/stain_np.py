@@ -142,13 +142,22 @@ class NumpyMacenko:
     def normalize_with_info(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
         """(H, W, 3) uint8 -> the same on the template's stains, and `StainNormalizer.normalize_with_info`'s
         info. Raises StainError."""
+        return self._normalize(image, with_info=True)
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        """`normalize_with_info` without the info (what `prepare` needs: a pass over the pixels less)."""
+        return self._normalize(image, with_info=False)[0]
+
+    def _normalize(self, image: np.ndarray, with_info: bool) -> tuple[np.ndarray, dict]:
         f = fit(image, self.params)
         c = f.conc
-        negative = (c[0] < 0) | (c[1] < 0)
-        info = {"clamped_fraction": float(np.count_nonzero(negative)) / negative.size,
-                "clamped_fraction_stained": float(np.count_nonzero(negative & f.stained)) / max(f.n_stained, 1),
-                "stained_pixels": f.n_stained, "stain_matrix": f.stain_matrix.astype(np.float64),
-                "max_conc": f.max_conc.astype(np.float64)}
+        info = {}
+        if with_info:
+            negative = (c[0] < 0) | (c[1] < 0)
+            info = {"clamped_fraction": float(np.count_nonzero(negative)) / negative.size,
+                    "clamped_fraction_stained": float(np.count_nonzero(negative & f.stained)) / max(f.n_stained, 1),
+                    "stained_pixels": f.n_stained, "stain_matrix": f.stain_matrix.astype(np.float64),
+                    "max_conc": f.max_conc.astype(np.float64)}
         if self.params.clamp:
             np.maximum(c, 0, out=c)
         # torchstain: Io * exp(-HERef @ (C * maxCRef / maxC)), > 255 -> 255, truncated; the scale and
@@ -162,9 +171,6 @@ class NumpyMacenko:
         if np.isnan(out.sum()):
             raise StainError("Macenko produced NaN (degenerate concentrations)")
         return out.astype(np.uint8).reshape(image.shape), info
-
-    def normalize(self, image: np.ndarray) -> np.ndarray:
-        return self.normalize_with_info(image)[0]
 
 
 def estimate(image: np.ndarray, params: StainParams | None = None) -> tuple[np.ndarray, np.ndarray]:
