@@ -275,3 +275,21 @@ def test_recorded_relative_paths_are_found_above_the_cache(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # extraction ran in lab/, the report is made elsewhere
     assert locate("cache/images/s.h5", cache) == (tmp_path / "lab" / "cache" / "images" / "s.h5").resolve()
     assert locate("cache/images/missing.h5", cache) is None and locate(None, cache) is None
+
+
+def test_ablation_heat_map_fills_cells_that_are_the_same_loss(tmp_path):
+    """`wbc ablate` trains CB-CE once (gamma 0 or lam 0); its heat map still fills those cells."""
+    from wbc.report_html import ablation_html
+
+    lines = ["loss,beta,gamma,lam,label,best,mf1_mean,mf1_std",
+             "cb_focal_hybrid,0.99,0.0,0.0,x,0,0.40,0", "cb_focal_hybrid,0.99,2.0,0.5,x,1,0.60,0",
+             "cb_focal_hybrid,0.99,2.0,1.0,x,0,0.50,0"]
+    (tmp_path / "ablate.csv").write_text("\n".join(lines) + "\n")
+    captured = []
+    real = figures.ablation_figure
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(figures, "ablation_figure", lambda rows, title: captured.extend(rows) or real(rows, title))
+        assert "<img" in ablation_html(str(tmp_path))
+    same = {(r["gamma"], r["lam"]): r["mf1"] for r in captured if r.get("same")}
+    assert same == {(0.0, 0.5): 0.40, (0.0, 1.0): 0.40, (2.0, 0.0): 0.40}
+    assert sum(r["best"] for r in captured) == 1

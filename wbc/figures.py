@@ -165,7 +165,8 @@ def curves_figure(runs: dict[str, list[dict]], title: str):
 
 def ablation_figure(rows: list[dict], title: str):
     """MF1 heat maps, beta (rows) x gamma (columns), one panel per lambda.
-    rows: dicts with beta, gamma, lam, mf1 (fraction), best (bool)."""
+    rows: dicts with beta, gamma, lam, mf1 (fraction), best (bool), same (bool: a copy of another
+    cell's value, that cell being the same loss; drawn with a leading '=')."""
     plt = _plt()
     lams = sorted({r["lam"] for r in rows})
     betas = sorted({r["beta"] for r in rows})
@@ -179,8 +180,9 @@ def ablation_figure(rows: list[dict], title: str):
             if r["lam"] == lam:
                 i, j = betas.index(r["beta"]), gammas.index(r["gamma"])
                 grid[i, j] = r["mf1"]
-                ax.text(j, i, f"{100 * r['mf1']:.1f}" + ("*" if r.get("best") else ""), ha="center",
-                        va="center", fontsize=8, fontweight="bold" if r.get("best") else "normal")
+                text = ("=" if r.get("same") else "") + f"{100 * r['mf1']:.1f}" + ("*" if r.get("best") else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        fontweight="bold" if r.get("best") else "normal", color="dimgrey" if r.get("same") else "black")
         im = ax.imshow(grid, cmap="viridis", vmin=min(vals), vmax=max(vals), alpha=0.85)
         ax.set_xticks(range(len(gammas)), [f"{g:g}" for g in gammas])
         ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])

@@ -129,12 +129,30 @@ def ablation_html(folder: str | None) -> str:
     with open(path, newline="") as f:
         rows = [{"beta": float(r["beta"]), "gamma": float(r["gamma"]), "lam": float(r["lam"]),
                  "mf1": float(r["mf1_mean"]), "best": r["best"] == "1", "loss": r["loss"]} for r in csv.DictReader(f)]
-    rows = [r for r in rows if r["loss"] == "cb_focal_hybrid"] or rows
+    hybrid = [r for r in rows if r["loss"] == "cb_focal_hybrid"]
+    rows = hybrid + _same_loss_cells(hybrid) if hybrid else rows
     best = next((r for r in rows if r["best"]), None)
     note = (f"<p>Validation Macro-F1 of each loss setting ({esc(path)}); * = best, beta={best['beta']:g} "
-            f"gamma={best['gamma']:g} lambda={best['lam']:g}.</p>" if best else "")
+            f"gamma={best['gamma']:g} lambda={best['lam']:g}. A cell marked = is the same loss as a trained "
+            "cell (gamma 0 or lambda 0: CB-CE at that beta), trained once and shown with its value.</p>"
+            if best else "")
     return "<h2>Loss ablation</h2>" + note + figure(figures.ablation_figure(rows, "Stage-2 loss ablation"),
                                                      "loss ablation heat map")
+
+
+def _same_loss_cells(rows: list[dict]) -> list[dict]:
+    """Heat-map cells `wbc ablate` skipped as duplicates (LossSpec.key), holding the value of the
+    trained cell that is the same loss, marked `same`."""
+    from itertools import product
+
+    from wbc.losses import LossSpec
+
+    spec = lambda b, g, lam: LossSpec("cb_focal_hybrid", b, g, lam).key()
+    trained = {spec(r["beta"], r["gamma"], r["lam"]): r for r in rows}
+    have = {(r["beta"], r["gamma"], r["lam"]) for r in rows}
+    axes = [sorted({r[k] for r in rows}) for k in ("beta", "gamma", "lam")]
+    return [{**trained[spec(b, g, lam)], "gamma": g, "lam": lam, "best": False, "same": True}
+            for b, g, lam in product(*axes) if (b, g, lam) not in have and spec(b, g, lam) in trained]
 
 
 def _gallery_model(doc: dict, best: dict) -> tuple[Path | None, Path | None, str]:
