@@ -162,6 +162,29 @@ def test_grad_cam_peaks_in_the_quadrant_the_logit_reads(quadrant):
     assert grad_cam(QuadrantModel(quadrant), x, np.array([1, 1])).max() == 0
 
 
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet", "test_convnext"])
+def test_forward_only_cam_equals_autograd_grad_cam(name):
+    """Global-average pooling then a linear map: Grad-CAM's weights are W_c / (h w), so the
+    forward-only CAM is the same map. ConvNeXt norms the pooled embedding: autograd is kept."""
+    import timm
+
+    from wbc.saliency import _linear_readout
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5).eval()
+    x = torch.randn(6, 3, 64, 64)
+    target = np.array([0, 1, 2, 3, 4, 0])
+    head = (torch.randn(5, model.num_features), torch.randn(5))
+    with torch.no_grad():
+        nchw = model.forward_features(x)
+    gap_linear = name != "test_convnext"
+    assert (_linear_readout(model, nchw, False, None) is not None) == gap_linear
+    for h in (None, head):
+        fast, ref = grad_cam(model, x, target, h), grad_cam(model, x, target, h, allow_cam=False)
+        assert fast.shape == (6, 64, 64) and ref.max() == pytest.approx(1.0)
+        np.testing.assert_allclose(fast, ref, atol=2e-5)
+
+
 def test_gallery_shows_misclassified_first_then_least_confident():
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55], [0.7, 0.3], [0.1, 0.9]])
     labels = np.array([0, 0, 0, 0, 1, 1])
