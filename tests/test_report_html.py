@@ -276,8 +276,10 @@ def test_reliability_bins_are_the_metrics_ece():
     ok = count > 0
     ece = float((count[ok] / count.sum() * np.abs(acc[ok] - conf[ok])).sum())
     assert ece == pytest.approx(expected_calibration_error(probs, labels))
-    fig = figures.reliability_figure({"m": (probs, labels)}, "t")
-    assert f"ECE {100 * ece:.1f}" in fig.axes[0].get_legend().get_texts()[1].get_text()
+    chart = figures.reliability_chart({"m": (probs, labels)}, "t")
+    assert f">m (ECE {100 * ece:.1f})</text>" in chart
+    ok_points = chart.count("<circle ")
+    assert ok_points == int(ok.sum())  # one marker per non-empty bin
 
 
 def test_wbc_report_of_a_predictions_csv_shows_the_source_labels(tmp_path):
@@ -309,9 +311,9 @@ def test_ablation_heat_map_fills_cells_that_are_the_same_loss(tmp_path):
              "cb_focal_hybrid,0.99,2.0,1.0,x,0,0.50,0"]
     (tmp_path / "ablate.csv").write_text("\n".join(lines) + "\n")
     captured = []
-    real = figures.ablation_figure
+    real = figures.ablation_chart
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(figures, "ablation_figure", lambda rows, title: captured.extend(rows) or real(rows, title))
+        mp.setattr(figures, "ablation_chart", lambda rows, title: captured.extend(rows) or real(rows, title))
         assert "<img" in ablation_html(str(tmp_path))
     same = {(r["gamma"], r["lam"]): r["mf1"] for r in captured if r.get("same")}
     assert same == {(0.0, 0.5): 0.40, (0.0, 1.0): 0.40, (2.0, 0.0): 0.40}

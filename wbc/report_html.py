@@ -118,7 +118,7 @@ def curves_html(sources: dict) -> str:
     for runs, label in ((s1, "Stage 1 (backbone fine-tuning)"), (s2, "Stage 2 (cRT head)")):
         runs = {k: v for k, v in runs.items() if v}
         if runs:
-            parts.append(figure(figures.curves_figure(runs, label), f"{label} training curves"))
+            parts.append(figure(figures.curves_chart(runs, label), f"{label} training curves"))
     return "\n".join(parts) or "<p>No metrics.jsonl found beside the checkpoints or heads.</p>"
 
 
@@ -136,8 +136,17 @@ def ablation_html(folder: str | None) -> str:
             f"gamma={best['gamma']:g} lambda={best['lam']:g}. A cell marked = is the same loss as a trained "
             "cell (gamma 0 or lambda 0: CB-CE at that beta), trained once and shown with its value.</p>"
             if best else "")
-    return "<h2>Loss ablation</h2>" + note + figure(figures.ablation_figure(rows, "Stage-2 loss ablation"),
+    return "<h2>Loss ablation</h2>" + note + figure(figures.ablation_chart(rows, "Stage-2 loss ablation"),
                                                      "loss ablation heat map")
+
+
+def _confusion_png(report_dir: Path, cm: np.ndarray, names: list[str], title: str, sub: str):
+    """confusion.png as `wbc evaluate` drew it beside report.json (the same best row; figures are
+    made once per report), else drawn now (a folder without it)."""
+    png, js = report_dir / "confusion.png", report_dir / "report.json"
+    if png.is_file() and png.stat().st_mtime_ns >= js.stat().st_mtime_ns:
+        return png.read_bytes()
+    return figures.confusion_figure(cm, names, title, sub)
 
 
 def _same_loss_cells(rows: list[dict]) -> list[dict]:
@@ -198,8 +207,8 @@ def render_report(report_dir: str | Path, per_class_cells: int = 8, saliency: bo
     sub = f"{best['name']}: n = {n} cells" + (f" x {len(best['folds'])} folds' models (summed)" if len(best["folds"]) > 1 else "")
     sub += f", Macro-F1 {100 * best['mf1']['mean']:.1f}"
     body += ['<h2 id="confusion">Confusion matrix of the best row</h2>',
-             figure(figures.confusion_figure(cm, names, title, sub), "confusion matrix"),
-             figure(figures.per_class_figure(per_class(cm), names, f"{best['name']}: per-class precision, recall, F1"),
+             figure(_confusion_png(report_dir, cm, names, title, sub), "confusion matrix"),
+             figure(figures.per_class_chart(per_class(cm), names, f"{best['name']}: per-class precision, recall, F1"),
                     "per-class bars")]
     if arrays is not None:
         body.append('<h2 id="calibration">Reliability</h2>')
@@ -207,7 +216,7 @@ def render_report(report_dir: str | Path, per_class_cells: int = 8, saliency: bo
         ok = labels >= 0
         curves = {r["name"]: (arrays["probs"][i][:, ok].reshape(-1, len(names)), np.tile(labels[ok], arrays["probs"].shape[1]))
                   for i, r in enumerate(rows)}
-        body.append(figure(figures.reliability_figure(curves, "Reliability (all folds' predictions pooled)"),
+        body.append(figure(figures.reliability_chart(curves, "Reliability (all folds' predictions pooled)"),
                            "reliability diagram"))
     if src:
         body += ['<h2 id="curves">Training curves</h2>', curves_html(src), ablation_html(src.get("ablation"))]
@@ -227,8 +236,8 @@ def render_report(report_dir: str | Path, per_class_cells: int = 8, saliency: bo
                     f"{per_class_cells}). Left: the cell as the model sees it (Macenko, centre crop); right: Grad-CAM "
                     f"for the predicted class ({esc(who) or 'no checkpoint found: not drawn'}).</p>" + html_)
     path = write_page(out or report_dir / "report.html", page(title, body, f"wbc evaluation report: {esc(report_dir)}"))
-    log.info("report.html: %d gallery cells, %d saliency maps, %.1f s -> %s", stats["cells"], stats["saliency"],
-             time.perf_counter() - t0, path)
+    log.info("report.html: %d gallery cells, %d saliency maps (%.1f s), %.1f s in all -> %s", stats["cells"],
+             stats["saliency"], stats.get("saliency_s", 0.0), time.perf_counter() - t0, path)
     return path
 
 
@@ -251,5 +260,5 @@ def render_run(run_dir: str | Path, out: Path | None = None) -> Path:
     if not runs:
         raise WbcError(f"{run_dir}: no metrics.jsonl with epochs found")
     body = [f"<p><b>Run:</b> {esc(run_dir)} ({len(runs)} fold(s)).</p>",
-            figure(figures.curves_figure(runs, f"Training curves: {run_dir.name}"), "training curves")]
+            figure(figures.curves_chart(runs, f"Training curves: {run_dir.name}"), "training curves")]
     return write_page(out or run_dir / "run.html", page(f"Training run {run_dir.name}", body, "wbc run report"))
