@@ -3,6 +3,7 @@ figure inside its canvas, Grad-CAM on a toy model, gallery order, the prediction
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,7 @@ def test_evaluate_writes_a_self_contained_report(run, tmp_path):
     assert "http://" not in text and "https://" not in text  # nothing fetched from the network
     assert text.count("<img ") >= 2 * 8 + 5  # 8 gallery cells + Grad-CAM each, 5 figures (curves, ablation...)
     assert "Loss ablation" in text and "beta=0.9999 gamma=1 lambda=1" in text
+    assert re.search(r"right: Grad-CAM for the predicted class \([ab] fold 0( with its cRT head)?\)", text)
     doc = json.loads((run.out / "report.json").read_text())
     assert [r["name"] for r in doc["rows"]] == ["Supervised a", "Decoupled a", "Decoupled b", "Ensemble a+b"]
     assert page_status(html) == f"ok images={text.count('<img ')}"
@@ -237,6 +239,7 @@ def test_wbc_report_rerenders_and_refuses_bad_input(run, tmp_path):
     r = wbc("report", run.out, "--out", out, "--gallery", "2", "--no-saliency", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "store row" in out.read_text() and "Grad-CAM of cell" not in out.read_text()
+    assert "saliency maps left out (--no-saliency)" in out.read_text()
     r = wbc("report", run.dir / "runs" / "test")
     assert r.returncode == 0 and (run.dir / "runs" / "test" / "run.html").is_file()
     r = wbc("report", tmp_path / "nothing-here")

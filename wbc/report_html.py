@@ -181,64 +181,83 @@ def _gallery_model(doc: dict, best: dict) -> tuple[Path | None, Path | None, str
 def render_report(report_dir: str | Path, per_class_cells: int = 8, saliency: bool = True,
                   device: str = "cpu", out: Path | None = None) -> Path:
     """Write DIR/report.html from DIR/report.json and DIR/report.npz; returns its path."""
-    from wbc.gallery import gallery_html, select_cells
-
     t0 = time.perf_counter()
     report_dir = Path(report_dir)
     doc, arrays = _load(report_dir)
-    names = doc["class_names"]
-    order = figures.lineage_order(names)
     rows = doc["rows"]
     best = max(rows, key=lambda r: r["mf1"]["mean"])
     src = doc.get("sources") or {}
     title = doc.get("title") or "Evaluation"
-    cm = np.asarray(best["confusion"])
-    n = best["folds"][0]["n"]
-    support = cm.sum(1) // max(len(best["folds"]), 1)
-    scored = doc.get("scored") or (f"held-out test rows (fold -1) of image store {src.get('store') or '?'}"
-                                   f"; folds {doc.get('folds')}")
-    counts = ", ".join(f"{names[i]} {int(support[i])}" for i in order)
-    body = [('<nav><a href="#metrics">Metrics</a><a href="#confusion">Confusion</a><a href="#calibration">'
-            'Calibration</a><a href="#curves">Training</a><a href="#gallery">Cells</a></nav>'),
-            f"<p><b>Data scored:</b> {esc(scored)}.<br><b>n = {n} cells</b>; n per class: {esc(counts)}.</p>",
-            '<h2 id="metrics">Metrics</h2>', metrics_table(doc),
-            ("<p>Percent, mean ± std over folds; <span class='best'>best bold</span>, "
-            "<span class='second'>second underlined</span>; ECE: lower is better.</p>"), per_class_html(doc, order)]
-    sub = f"{best['name']}: n = {n} cells" + (f" x {len(best['folds'])} folds' models (summed)" if len(best["folds"]) > 1 else "")
-    sub += f", Macro-F1 {100 * best['mf1']['mean']:.1f}"
-    body += ['<h2 id="confusion">Confusion matrix of the best row</h2>',
-             figure(_confusion_png(report_dir, cm, names, title, sub), "confusion matrix"),
-             figure(figures.per_class_chart(per_class(cm), names, f"{best['name']}: per-class precision, recall, F1"),
-                    "per-class bars")]
+    body = _summary(doc, best, report_dir, title)
     if arrays is not None:
         body.append('<h2 id="calibration">Reliability</h2>')
-        labels = arrays["labels"]
+        labels, c = arrays["labels"], len(doc["class_names"])
         ok = labels >= 0
-        curves = {r["name"]: (arrays["probs"][i][:, ok].reshape(-1, len(names)), np.tile(labels[ok], arrays["probs"].shape[1]))
+        curves = {r["name"]: (arrays["probs"][i][:, ok].reshape(-1, c), np.tile(labels[ok], arrays["probs"].shape[1]))
                   for i, r in enumerate(rows)}
         body.append(figure(figures.reliability_chart(curves, "Reliability (all folds' predictions pooled)"),
                            "reliability diagram"))
     if src:
         body += ['<h2 id="curves">Training curves</h2>', curves_html(src), ablation_html(src.get("ablation"))]
     body.append('<h2 id="gallery">Cells</h2>')
+    stats = {"cells": 0, "saliency": 0}
     if arrays is None:
         body.append("<p>Per-cell predictions: predictions.csv beside this report.</p>")
-    stats = {"cells": 0, "saliency": 0}
-    if arrays is not None:
-        i_best = rows.index(best)
-        probs = arrays["probs"][i_best].mean(0)
-        groups = select_cells(probs, arrays["labels"], arrays["index"], names, per_class_cells)
-        ckpt, head, who = _gallery_model(doc, best)
-        store = _open_store(src.get("store"))
-        html_, stats = gallery_html(groups, names, store, ckpt, head, device, saliency)
-        body.append(f"<p>{esc(best['name'])}, probabilities averaged over its {arrays['probs'].shape[1]} fold model(s). "
-                    f"Per true class: misclassified cells first, then the least confident correct ones (at most "
-                    f"{per_class_cells}). Left: the cell as the model sees it (Macenko, centre crop); right: Grad-CAM "
-                    f"for the predicted class ({esc(who) or 'no checkpoint found: not drawn'}).</p>" + html_)
+    else:
+        html_, stats = _gallery(doc, arrays, best, per_class_cells, saliency, device)
+        body.append(html_)
     path = write_page(out or report_dir / "report.html", page(title, body, f"wbc evaluation report: {esc(report_dir)}"))
     log.info("report.html: %d gallery cells, %d saliency maps (%.1f s), %.1f s in all -> %s", stats["cells"],
              stats["saliency"], stats.get("saliency_s", 0.0), time.perf_counter() - t0, path)
     return path
+
+
+def _summary(doc: dict, best: dict, report_dir: Path, title: str) -> list[str]:
+    """Navigation, the data scored with n per class, the metrics tables, the confusion matrix and
+    the per-class bars of the best row."""
+    names, src = doc["class_names"], doc.get("sources") or {}
+    order = figures.lineage_order(names)
+    cm = np.asarray(best["confusion"])
+    n = best["folds"][0]["n"]
+    support = cm.sum(1) // max(len(best["folds"]), 1)
+    scored = doc.get("scored") or (f"held-out test rows (fold -1) of image store {src.get('store') or '?'}"
+                                   f"; folds {doc.get('folds')}")
+    counts = ", ".join(f"{names[i]} {int(support[i])}" for i in order)
+    sub = f"{best['name']}: n = {n} cells" + (f" x {len(best['folds'])} folds' models (summed)" if len(best["folds"]) > 1 else "")
+    sub += f", Macro-F1 {100 * best['mf1']['mean']:.1f}"
+    return [('<nav><a href="#metrics">Metrics</a><a href="#confusion">Confusion</a><a href="#calibration">'
+            'Calibration</a><a href="#curves">Training</a><a href="#gallery">Cells</a></nav>'),
+            f"<p><b>Data scored:</b> {esc(scored)}.<br><b>n = {n} cells</b>; n per class: {esc(counts)}.</p>",
+            '<h2 id="metrics">Metrics</h2>', metrics_table(doc),
+            ("<p>Percent, mean ± std over folds; <span class='best'>best bold</span>, "
+             "<span class='second'>second underlined</span>; ECE: lower is better.</p>"), per_class_html(doc, order),
+            '<h2 id="confusion">Confusion matrix of the best row</h2>',
+            figure(_confusion_png(report_dir, cm, names, title, sub), "confusion matrix"),
+            figure(figures.per_class_chart(per_class(cm), names, f"{best['name']}: per-class precision, recall, F1"),
+                   "per-class bars")]
+
+
+def _gallery(doc: dict, arrays: dict, best: dict, per_class_cells: int, saliency: bool, device: str
+             ) -> tuple[str, dict]:
+    """The best row's cell gallery (probabilities averaged over its fold models) with its caption."""
+    from wbc.gallery import gallery_html, select_cells
+
+    names = doc["class_names"]
+    probs = arrays["probs"][doc["rows"].index(best)].mean(0)
+    groups = select_cells(probs, arrays["labels"], arrays["index"], names, per_class_cells)
+    ckpt, head, who = _gallery_model(doc, best)
+    store = _open_store((doc.get("sources") or {}).get("store"))
+    html_, stats = gallery_html(groups, names, store, ckpt, head, device, saliency)
+    caption = (f"<p>{esc(best['name'])}, probabilities averaged over its {arrays['probs'].shape[1]} fold model(s). "
+               f"Per true class: misclassified cells first, then the least confident correct ones (at most "
+               f"{per_class_cells}). ")
+    if stats["saliency"]:
+        caption += (f"Left: the cell as the model sees it (Macenko, centre crop); right: Grad-CAM for the "
+                    f"predicted class ({esc(who)}).</p>")
+    else:
+        why = "left out (--no-saliency)" if not saliency else f"not drawn ({esc(who) or 'no checkpoint found'})"
+        caption += f"The cells as stored (Macenko); saliency maps {why}.</p>"
+    return caption + html_, stats
 
 
 def _open_store(path):
