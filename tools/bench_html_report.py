@@ -201,6 +201,10 @@ def _section(a, v: dict) -> str:
         f"- render / (extract + evaluate): **{pct(v['t_render'], step)}** (target < 10%)",
         (f"- render / evaluate on the built cache: **{pct(v['t_render'], v['t_eval'])}** "
          f"({pct(v['t_warm'], v['t_eval'])} the second time; without saliency maps {pct(v['t_plain'], v['t_eval'])})"),
+        ("- against evaluate on a built cache the 10% target is not met: the saliency maps need the backbone "
+         "(a forward of the gallery cells, and timm imported); without them the render is mostly reading the "
+         "72 gallery images from the store and encoding their thumbnails"
+         if v["t_render"] >= 0.1 * v["t_eval"] else "- against evaluate on a built cache the 10% target is met"),
         f"- report.html: {v['html'].stat().st_size / 1e6:.2f} MB, every image embedded",
     ])
     print(body)
