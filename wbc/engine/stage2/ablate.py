@@ -38,7 +38,8 @@ def parse_floats(text: str, name: str) -> list[float]:
 
 
 def grid_specs(losses: list[str], betas, gammas, lams, la_tau: float = 1.0) -> list[LossSpec]:
-    """The product of the values, without duplicates a loss cannot tell apart (ce ignores beta...)."""
+    """The product of the values, keeping the first of specs that are the same loss (`LossSpec.key`:
+    ce ignores beta; with gamma 0 or lam 0 every hybrid is the same CB-CE)."""
     specs, seen = [], set()
     for name, beta, gamma, lam in itertools.product(losses, betas, gammas, lams):
         s = LossSpec(name, beta, gamma, lam, la_tau)
@@ -50,6 +51,11 @@ def grid_specs(losses: list[str], betas, gammas, lams, la_tau: float = 1.0) -> l
 
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", label)
+
+
+def head_path(out: str | Path, label: str, fold: int) -> Path:
+    """Where save_heads writes a configuration's head (label: ablate.csv's `label` column)."""
+    return Path(out) / "heads" / _slug(label) / f"fold{fold}" / "head.pt"
 
 
 def ablate(cache: str | Path, out: str | Path, specs: list[LossSpec], fold: str | int = "all",
@@ -102,7 +108,7 @@ def _fold(caches: FoldCaches, k: int, out: Path, configs: list[HeadConfig], key:
                 "metrics": h.training["metrics"]} for c, h in zip(configs, heads)]
     if save_heads:
         for c, h in zip(configs, heads):
-            h.save(out / "heads" / _slug(c.loss.label()) / f"fold{k}" / "head.pt")
+            h.save(head_path(out, c.loss.label(), k))
     seconds = heads[0].training["seconds"]
     record = {"key": key, "fold": k, "seconds": seconds, "results": results,
               "stage1": stage1_val_metrics(data, k), "ran": heads[0].training["ran"]}
