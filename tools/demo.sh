@@ -72,7 +72,10 @@ $WBC evaluate "${models[@]}" --folds "${FOLDS// /,}" --out "$OUT/reports/table1"
 
 step "predict: the held-out test cells (never trained on) with the ensemble of every backbone's fold-$k0 model"
 members=()
-for b in $BACKBONES; do members+=(--member "$OUT/runs/$b/fold$k0/best.pt:$OUT/runs/crt-$b/fold$k0/head.pt"); done
+# --cache: the members' training embeddings give each prediction its ood_score and review flag
+for b in $BACKBONES; do
+  members+=(--member "$OUT/runs/$b/fold$k0/best.pt:$OUT/runs/crt-$b/fold$k0/head.pt" --cache "$OUT/features/$b-fold$k0.zarr")
+done
 $WBC ensemble save "${members[@]}" --store "$STORE" --out "$OUT/ensemble.yaml"
 $PY tools/heldout_csv.py "$STORE" data/pbc-demo "$OUT/heldout.csv"
 echo "these are the store's held-out test rows (fold -1): no Stage-1 or Stage-2 model trained or early-stopped on them"
