@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wbc.fsutil import atomic_write
+
 CSS = """
 body{font-family:system-ui,-apple-system,"DejaVu Sans",sans-serif;margin:1.5em auto;max-width:1200px;
 padding:0 1em;color:#222}
@@ -114,7 +116,6 @@ def write_page(path: Path, text: str) -> Path:
     """Write then rename: a half-written report never sits under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(text)
     return path

@@ -33,6 +33,7 @@ from wbc.adapt.align import Alignment
 from wbc.adapt.reference import load_arrays
 from wbc.config import file_sha256
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write
 from wbc.selective import Mahalanobis, ReviewRule
 
 FORMAT = "wbc.adapted/1"
@@ -110,7 +111,6 @@ def load_adapted(path: str | Path):
 
 def write_adapted(out: Path, doc: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(out)  # the YAML is written last: no ADAPTED.yaml means the adaptation is not done
+    with atomic_write(out) as f:  # the YAML is written last: no ADAPTED.yaml means the adaptation is not done
+        f.write(yaml.safe_dump(doc, sort_keys=False))
     return out

@@ -17,6 +17,7 @@ import numpy as np
 from wbc.adapt.align import Moments, moments
 from wbc.ensemble import Member
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write
 from wbc.selective import Mahalanobis, ReviewRule, choose_review, fit_mahalanobis
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,8 @@ def review_rule(refs: list[MemberReference], coverage: float) -> tuple[ReviewRul
 def save_arrays(path: Path, **arrays: np.ndarray) -> Path:
     """An npz of plain arrays (read back with allow_pickle=False), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-    tmp.replace(path)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
     return path
 
 
