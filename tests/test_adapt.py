@@ -21,7 +21,7 @@ from wbc.adapt.bn import bn_layers, reestimate, view_batches
 from wbc.adapt.bundle import load_adapted
 from wbc.backbones import load_checkpoint
 from wbc.config import file_sha256
-from wbc.engine.predict import load_ensemble
+from wbc.ensemble import load_ensemble
 
 WBC = str(Path(sys.executable).with_name("wbc"))
 OTHER_HE = np.stack([np.array([0.3, 0.9, 0.3]) / np.linalg.norm([0.3, 0.9, 0.3]),
@@ -121,8 +121,8 @@ def test_adapted_file_round_trips_and_refuses_changed_files(env, tmp_path):
     steps = res.doc["steps"]
     assert steps["bn"]["enabled"] and steps["align"]["method"] == "coral"
     assert abs(sum(steps["priors"]["target"]) - 1) < 1e-3
-    assert ens.members[0]["checkpoint"] == (out.parent / res.doc["members"][0]["checkpoint"]).resolve() or \
-        ens.members[0]["checkpoint"].name.endswith(".adabn.pt")
+    assert ens.members[0].checkpoint == (out.parent / res.doc["members"][0]["checkpoint"]).resolve() or \
+        ens.members[0].checkpoint.name.endswith(".adabn.pt")
     arrays = out.parent / res.doc["members"][0]["arrays"]
     arrays.write_bytes(arrays.read_bytes() + b"x")
     from wbc.errors import WbcError
@@ -191,7 +191,7 @@ def test_cli_adapt_then_predict_and_external(env, tmp_path):
 
 def test_adaptation_with_every_step_off_changes_nothing(env, tmp_path):
     """An ADAPTED.yaml with zoom, AdaBN, alignment and priors off predicts exactly as its ensemble."""
-    from wbc.engine.predict import predict
+    from wbc.engine.evaluate.predict import predict
 
     target = target_set(tmp_path / "t")
     out = tmp_path / "off.yaml"
@@ -205,7 +205,7 @@ def test_adaptation_with_every_step_off_changes_nothing(env, tmp_path):
 @pytest.mark.parametrize("protos", [False, True])
 def test_predict_with_the_adapted_file_gives_what_adapt_computed(env, tmp_path, protos):
     """The probabilities adapt reports on its target equal predict's with the ADAPTED.yaml (all steps)."""
-    from wbc.engine.predict import predict
+    from wbc.engine.evaluate.predict import predict
 
     target = target_set(tmp_path / "t")
     out = tmp_path / "ad.yaml"

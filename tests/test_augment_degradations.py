@@ -7,7 +7,7 @@ import torch
 
 from tests.fixtures import make_tiny_store, stained_image
 from wbc.data import AUGMENTS, TensorDegradation, train_transform
-from wbc.engine.train_backbone import TrainConfig, train
+from wbc.engine.stage1.train import Stage1Config, train
 
 
 def test_registered_and_shape_preserving():
@@ -35,7 +35,7 @@ def test_tensor_degradation_applies_a_real_degradation():
 def test_training_with_degradations_is_reproducible(tmp_path):
     """Two runs with the same seed give the same weights (workers=0 draws from `random`)."""
     store = make_tiny_store(tmp_path / "s.h5", n_per_class=6, size=40)
-    cfg = TrainConfig(backbone="test_resnet", pretrained="none", epochs=1, batch_size=8, crop=32,
+    cfg = Stage1Config(backbone="test_resnet", pretrained="none", epochs=1, batch_size=8, crop=32,
                       workers=0, augment="degradations", seed=0)
     (a,) = train(store, tmp_path / "a", cfg, fold=0)
     (b,) = train(store, tmp_path / "b", cfg, fold=0)

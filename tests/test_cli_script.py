@@ -62,16 +62,16 @@ def test_bad_option_value_is_refused_before_work(argv, needle, tmp_path):
 
 
 def test_configs_refuse_bad_values_for_python_callers():
-    from wbc.engine.extract import ExtractConfig
-    from wbc.engine.train_config import TrainConfig
+    from wbc.engine.extract.run import ExtractConfig
+    from wbc.engine.stage1.config import Stage1Config
     from wbc.errors import WbcError
     from wbc.prepare import PrepareConfig
 
-    for make in (lambda: TrainConfig(lr=float("nan")), lambda: TrainConfig(crop=0),
+    for make in (lambda: Stage1Config(lr=float("nan")), lambda: Stage1Config(crop=0),
                  lambda: PrepareConfig(size=-1), lambda: ExtractConfig(chunk_rows=-8)):
         with pytest.raises(WbcError):
             make()
-    assert TrainConfig(crop=160).crop == 160 and ExtractConfig(batch_size=0).batch_size == 0
+    assert Stage1Config(crop=160).crop == 160 and ExtractConfig(batch_size=0).batch_size == 0
 
 
 def _unwritable_dir(tmp_path: Path) -> Path:
@@ -144,3 +144,28 @@ def test_entry_point_os_errors_one_line_and_ctrl_c_130(exc, code, needle, monkey
     assert cli_exit_code(["prepare", "src", "--out", "s.h5"]) == code
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _help(*cmd: str) -> str:
+    r = run_wbc(*cmd, "--help")
+    assert r.returncode == 0, r
+    return " ".join(r.stdout.split())  # rich may still break a long help line: compare words
+
+
+def test_help_lists_every_registered_choice():
+    """Choices in help text are the registries' (losses, samplers, degradations, augmentations,
+    recipes): a newly registered one that the help does not name fails here."""
+    from wbc.data import AUGMENTS
+    from wbc.degrade import names as degradations
+    from wbc.engine.stage1.lp_ft import RECIPES
+    from wbc.losses import LOSSES
+    from wbc.sampling import SAMPLERS
+
+    for cmd in ("crt", "ablate"):
+        text = _help(cmd)
+        assert all(n in text for n in LOSSES.names()), (cmd, LOSSES.names())
+        assert all(n in text for n in SAMPLERS.names()), (cmd, SAMPLERS.names())
+    text = _help("robustness")
+    assert all(n in text for n in degradations()), degradations()
+    text = _help("train")
+    assert all(n in text for n in [*AUGMENTS.names(), *RECIPES]), (AUGMENTS.names(), RECIPES)

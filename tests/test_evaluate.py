@@ -7,12 +7,13 @@ import pytest
 
 from tests.fixtures import cli_exit_code
 from wbc.cache import create_cache, mark_complete, write_rows
-from wbc.engine.evaluate import ModelSpec, evaluate_table, table_rows
+from wbc.engine.evaluate.table1 import ModelSpec, evaluate_table, table_rows
 from wbc.ensemble import Member, ensemble_probs, fit_temperature, member_output, softmax, view_probs
 from wbc.errors import WbcError
 from wbc.heads import Head
 from wbc.metrics import classification_metrics
-from wbc.report import markdown_table, ranks, write_report
+from wbc.report.rows import markdown_table, ranks
+from wbc.report.table1 import write_report
 
 CLASSES = ["A", "B", "C"]
 N, K, D, C = 30, 4, 6, 3

@@ -16,9 +16,10 @@ from PIL import Image
 
 from tests.fixtures import cli_exit_code, stained_image, tiny_checkpoint
 from wbc.cache import open_cache
-from wbc.engine.external import evaluate_external, read_labelled
-from wbc.engine.extract import ExtractConfig, extract
-from wbc.engine.predict import load_ensemble, predict, save_ensemble
+from wbc.engine.evaluate.external import evaluate_external, read_labelled
+from wbc.engine.evaluate.predict import predict
+from wbc.engine.extract.run import ExtractConfig, extract
+from wbc.ensemble import load_ensemble, save_ensemble
 from wbc.errors import WbcError
 from wbc.heads import Head
 from wbc.prepare import PrepareConfig, prepare_store
@@ -99,14 +100,14 @@ exit_code = cli_exit_code
 
 def test_ensemble_records_member_caches(env, tmp_path):
     ens = load_ensemble(env.ensemble)
-    assert [Path(m["cache"]).resolve() for m in ens.members] == [c.resolve() for _, c, _ in env.members]
+    assert [Path(m.cache).resolve() for m in ens.members] == [c.resolve() for _, c, _ in env.members]
     doc = yaml.safe_load(env.ensemble.read_text())
     assert all(not Path(m["cache"]).is_absolute() for m in doc["members"])  # relative to the yaml
     # Without caches the file is as before (no cache key); a cache of another checkpoint is refused.
     (ckpt, cache, _), (_, other, _) = env.members
     plain = save_ensemble([str(ckpt)], env.store_path, "d4", tmp_path / "p.yaml")
     assert "cache" not in yaml.safe_load(plain.read_text())["members"][0]
-    assert load_ensemble(plain).members[0]["cache"] is None
+    assert load_ensemble(plain).members[0].cache is None
     with pytest.raises(WbcError, match="stale cache"):
         save_ensemble([str(ckpt)], env.store_path, "d4", tmp_path / "x.yaml", caches=[other])
     with pytest.raises(WbcError, match="one cache per member"):

@@ -13,12 +13,13 @@ import timm
 import torch
 import torch.multiprocessing as mp
 
-import wbc.engine.extract as ex
+import wbc.embed as embed_mod
+import wbc.engine.extract.run as ex
 from tests.fixtures import make_tiny_store
 from wbc.backbones import data_config
 from wbc.cache import done_blocks, open_cache, open_for_writing
 from wbc.cli import main
-from wbc.engine.extract import ExtractConfig, extract
+from wbc.engine.extract.run import ExtractConfig, extract
 from wbc.errors import WbcError
 from wbc.store import open_store
 
@@ -181,7 +182,7 @@ def test_checkpoint_source_forms(env, tmp_path):
 
 
 def test_nan_embeddings_stop_and_name_the_rows(env, tmp_path, monkeypatch):
-    real, calls = ex.embed, []
+    real, calls = embed_mod.embed, []
 
     def nan_in_second_block(model, x):
         e = real(model, x)
@@ -191,7 +192,7 @@ def test_nan_embeddings_stop_and_name_the_rows(env, tmp_path, monkeypatch):
                 e[1] = float("nan")  # view 0 of image 1 of block 1 = store row 5
         return e
 
-    monkeypatch.setattr(ex, "embed", nan_in_second_block)
+    monkeypatch.setattr(embed_mod, "embed", nan_in_second_block)
     out = tmp_path / "c.zarr"
     cfg = ExtractConfig(chunk_rows=4, workers=0, batch_size=4)
     with pytest.raises(WbcError, match=rf"NaN/inf.*store rows \[5\] \({env.store.paths[5]}\)"):
@@ -282,6 +283,10 @@ def test_cli_extract_and_cache_info(env, tmp_path, capsys):
             "--chunk-rows", "4", "--workers", "0", "--batch-size", "3"]
     main(args)
     assert_same_store(out, env.ref)
+    ran = open_cache(out).attrs["ran"]  # what ran, beside what was asked (amp on by default)
+    assert open_cache(out).attrs["config"]["amp"]
+    if ran["device"] == "cpu":
+        assert not ran["amp"] and ran["dtype"] == "float32"
     with pytest.raises(SystemExit) as e:
         main(args)  # complete output without --overwrite
     assert e.value.code == 2

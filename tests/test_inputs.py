@@ -15,7 +15,8 @@ import pytest
 
 from tests.fixtures import tiny_checkpoint, write_image_folder
 from tests.wbc_script import one_line_error, run_wbc
-from wbc.engine.predict import list_images, load_ensemble, predict, save_ensemble
+from wbc.engine.evaluate.predict import list_images, predict
+from wbc.ensemble import load_ensemble, save_ensemble
 from wbc.errors import WbcError
 from wbc.heads import Head
 from wbc.prepare import PrepareConfig, prepare_store, skipped_csv_path
@@ -110,7 +111,7 @@ def test_replaced_head_is_refused(ens, tmp_path):
     head = tmp_path / "head.pt"
     head.write_bytes(ens.heads[0].read_bytes())
     y = save_ensemble([f"{ens.cks[0]}:{head}"], ens.store, "identity", tmp_path / "e.yaml")
-    assert load_ensemble(y).members[0]["head_sha256"]
+    assert load_ensemble(y).members[0].head_sha256
     Head(np.ones((3, ens.dim), np.float32), np.zeros(3, np.float32), ["A", "B", "C"],
          cache=own_checkpoint(ens)).save(head)  # same checkpoint, other weights
     with pytest.raises(WbcError, match="changed since the ensemble was saved"):
@@ -141,7 +142,7 @@ def test_predict_bomb_in_failed_csv_and_stale_failed_csv_removed(ens, tmp_path):
 
 
 def test_csv_bom_accepted_by_predict_and_external(ens, tmp_path):
-    from wbc.engine.external import read_labelled
+    from wbc.engine.evaluate.external import read_labelled
 
     p = next(ens.images.rglob("*.png"))
     (tmp_path / "m.csv").write_bytes("\ufeffimage,label\n".encode() + f"{p},A\n".encode())
@@ -172,8 +173,8 @@ def test_evaluate_refuses_members_from_different_stores():
 
 
 def test_member_output_carries_the_cache_store_id(ens, tmp_path):
-    from wbc.engine.extract import extract
-    from wbc.engine.extract_config import ExtractConfig
+    from wbc.engine.extract.config import ExtractConfig
+    from wbc.engine.extract.run import extract
     from wbc.ensemble import Member, member_output
 
     cache = tmp_path / "c.zarr"

@@ -94,8 +94,8 @@ def test_prepare_race_second_writer_refused_first_intact(tmp_path):
 
 def test_extract_race_second_writer_refused_first_intact(tmp_path):
     from wbc.cache import open_cache
-    from wbc.engine.extract import extract
-    from wbc.engine.extract_config import ExtractConfig
+    from wbc.engine.extract.config import ExtractConfig
+    from wbc.engine.extract.run import extract
     from wbc.store import open_store
 
     store = make_tiny_store(tmp_path / "s.h5", n_per_class=6, size=40)
@@ -165,14 +165,14 @@ def test_kill_9_of_prepare_leaves_no_worker_running(tmp_path):
 
 def test_train_crt_predict_refuse_an_output_another_process_holds(tmp_path):
     from tests.fixtures import cli_exit_code
-    from wbc.engine.predict import predict
-    from wbc.engine.train_backbone import train
-    from wbc.engine.train_config import TrainConfig
+    from wbc.engine.evaluate.predict import predict
+    from wbc.engine.stage1.config import Stage1Config
+    from wbc.engine.stage1.train import train
 
     store = make_tiny_store(tmp_path / "s.h5", n_per_class=4, size=40)
     holders = [_holder(tmp_path / "run" / "fold0"), _holder(tmp_path / "crt"), _holder(tmp_path / "p.csv")]
     try:
-        cfg = TrainConfig(backbone="test_resnet", pretrained="none", epochs=1, batch_size=4, crop=32,
+        cfg = Stage1Config(backbone="test_resnet", pretrained="none", epochs=1, batch_size=4, crop=32,
                           workers=0, device="cpu")
         with pytest.raises(WbcError, match=f"pid {holders[0].pid}"):
             train(store, tmp_path / "run", cfg, fold=0, overwrite=True)

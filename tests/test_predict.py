@@ -10,9 +10,9 @@ from PIL import Image
 from tests.fixtures import stained_image, tiny_checkpoint
 from wbc.cache import open_cache
 from wbc.cli import main
-from wbc.engine.extract import ExtractConfig, extract
-from wbc.engine.predict import load_ensemble, predict, save_ensemble
-from wbc.ensemble import Member, member_output, view_probs
+from wbc.engine.evaluate.predict import predict
+from wbc.engine.extract.run import ExtractConfig, extract
+from wbc.ensemble import Member, load_ensemble, member_output, save_ensemble, view_probs
 from wbc.errors import WbcError
 from wbc.heads import Head
 from wbc.prepare import PrepareConfig, prepare_store

@@ -3,6 +3,7 @@ figure inside its canvas, Grad-CAM on a toy model, gallery order, the prediction
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ from tests.browser import page_status, screenshot
 from tests.fixtures import make_tiny_store, tiny_checkpoint
 from wbc import figures
 from wbc.cache import open_cache
-from wbc.engine.evaluate import ModelSpec, table_rows
-from wbc.engine.extract import ExtractConfig, extract
+from wbc.engine.evaluate.table1 import ModelSpec, table_rows
+from wbc.engine.extract.run import ExtractConfig, extract
 from wbc.gallery import select_cells
 from wbc.heads import Head
 from wbc.metrics import classification_metrics, confusion
@@ -78,6 +79,7 @@ def test_evaluate_writes_a_self_contained_report(run, tmp_path):
     assert "http://" not in text and "https://" not in text  # nothing fetched from the network
     assert text.count("<img ") >= 2 * 8 + 5  # 8 gallery cells + Grad-CAM each, 5 figures (curves, ablation...)
     assert "Loss ablation" in text and "beta=0.9999 gamma=1 lambda=1" in text
+    assert re.search(r"right: Grad-CAM for the predicted class \([ab] fold 0( with its cRT head)?\)", text)
     doc = json.loads((run.out / "report.json").read_text())
     assert [r["name"] for r in doc["rows"]] == ["Supervised a", "Decoupled a", "Decoupled b", "Ensemble a+b"]
     assert page_status(html) == f"ok images={text.count('<img ')}"
@@ -162,6 +164,29 @@ def test_grad_cam_peaks_in_the_quadrant_the_logit_reads(quadrant):
     assert grad_cam(QuadrantModel(quadrant), x, np.array([1, 1])).max() == 0
 
 
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet", "test_convnext"])
+def test_forward_only_cam_equals_autograd_grad_cam(name):
+    """Global-average pooling then a linear map: Grad-CAM's weights are W_c / (h w), so the
+    forward-only CAM is the same map. ConvNeXt norms the pooled embedding: autograd is kept."""
+    import timm
+
+    from wbc.saliency import _linear_readout
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5).eval()
+    x = torch.randn(6, 3, 64, 64)
+    target = np.array([0, 1, 2, 3, 4, 0])
+    head = (torch.randn(5, model.num_features), torch.randn(5))
+    with torch.no_grad():
+        nchw = model.forward_features(x)
+    gap_linear = name != "test_convnext"
+    assert (_linear_readout(model, nchw, False, None) is not None) == gap_linear
+    for h in (None, head):
+        fast, ref = grad_cam(model, x, target, h), grad_cam(model, x, target, h, allow_cam=False)
+        assert fast.shape == (6, 64, 64) and ref.max() == pytest.approx(1.0)
+        np.testing.assert_allclose(fast, ref, atol=2e-5)
+
+
 def test_gallery_shows_misclassified_first_then_least_confident():
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55], [0.7, 0.3], [0.1, 0.9]])
     labels = np.array([0, 0, 0, 0, 1, 1])
@@ -214,6 +239,7 @@ def test_wbc_report_rerenders_and_refuses_bad_input(run, tmp_path):
     r = wbc("report", run.out, "--out", out, "--gallery", "2", "--no-saliency", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "store row" in out.read_text() and "Grad-CAM of cell" not in out.read_text()
+    assert "saliency maps left out (--no-saliency)" in out.read_text()
     r = wbc("report", run.dir / "runs" / "test")
     assert r.returncode == 0 and (run.dir / "runs" / "test" / "run.html").is_file()
     r = wbc("report", tmp_path / "nothing-here")
@@ -227,7 +253,7 @@ def test_wbc_report_rerenders_and_refuses_bad_input(run, tmp_path):
 
 def test_external_report_names_its_set_and_shows_a_member_once(tmp_path):
     from tests.test_external import build_env, write_external
-    from wbc.engine.predict import save_ensemble
+    from wbc.ensemble import save_ensemble
 
     env = build_env(tmp_path / "e", members=1)
     (ckpt, _, head), = env.members
@@ -253,8 +279,10 @@ def test_reliability_bins_are_the_metrics_ece():
     ok = count > 0
     ece = float((count[ok] / count.sum() * np.abs(acc[ok] - conf[ok])).sum())
     assert ece == pytest.approx(expected_calibration_error(probs, labels))
-    fig = figures.reliability_figure({"m": (probs, labels)}, "t")
-    assert f"ECE {100 * ece:.1f}" in fig.axes[0].get_legend().get_texts()[1].get_text()
+    chart = figures.reliability_chart({"m": (probs, labels)}, "t")
+    assert f">m (ECE {100 * ece:.1f})</text>" in chart
+    ok_points = chart.count("<circle ")
+    assert ok_points == int(ok.sum())  # one marker per non-empty bin
 
 
 def test_wbc_report_of_a_predictions_csv_shows_the_source_labels(tmp_path):
@@ -275,3 +303,21 @@ def test_recorded_relative_paths_are_found_above_the_cache(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # extraction ran in lab/, the report is made elsewhere
     assert locate("cache/images/s.h5", cache) == (tmp_path / "lab" / "cache" / "images" / "s.h5").resolve()
     assert locate("cache/images/missing.h5", cache) is None and locate(None, cache) is None
+
+
+def test_ablation_heat_map_fills_cells_that_are_the_same_loss(tmp_path):
+    """`wbc ablate` trains CB-CE once (gamma 0 or lam 0); its heat map still fills those cells."""
+    from wbc.report_html import ablation_html
+
+    lines = ["loss,beta,gamma,lam,label,best,mf1_mean,mf1_std",
+             "cb_focal_hybrid,0.99,0.0,0.0,x,0,0.40,0", "cb_focal_hybrid,0.99,2.0,0.5,x,1,0.60,0",
+             "cb_focal_hybrid,0.99,2.0,1.0,x,0,0.50,0"]
+    (tmp_path / "ablate.csv").write_text("\n".join(lines) + "\n")
+    captured = []
+    real = figures.ablation_chart
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(figures, "ablation_chart", lambda rows, title: captured.extend(rows) or real(rows, title))
+        assert "<img" in ablation_html(str(tmp_path))
+    same = {(r["gamma"], r["lam"]): r["mf1"] for r in captured if r.get("same")}
+    assert same == {(0.0, 0.5): 0.40, (0.0, 1.0): 0.40, (2.0, 0.0): 0.40}
+    assert sum(r["best"] for r in captured) == 1

@@ -14,15 +14,15 @@ from tests.fixtures import cli_exit_code, make_tiny_store
 from wbc.augment import RandomScale, parse_augment, scale_crop
 from wbc.backbones import load_checkpoint
 from wbc.data import train_transform
-from wbc.engine.loops import StepSetup
-from wbc.engine.lp_ft import linear_probe
-from wbc.engine.train_backbone import TrainConfig, train
+from wbc.engine.stage1.interpolate import classifier_keys, interpolate
+from wbc.engine.stage1.loops import StepSetup
+from wbc.engine.stage1.lp_ft import linear_probe
+from wbc.engine.stage1.train import Stage1Config, train
 from wbc.errors import WbcError
-from wbc.interpolate import classifier_keys, interpolate
 from wbc.store import open_store
 
 BG = (231, 219, 238)
-TINY = TrainConfig(backbone="test_resnet", pretrained="none", epochs=1, batch_size=8, crop=32, workers=0)
+TINY = Stage1Config(backbone="test_resnet", pretrained="none", epochs=1, batch_size=8, crop=32, workers=0)
 
 
 def disk(size=64, r=10, cy=None, cx=None):
@@ -139,17 +139,17 @@ def test_linear_probe_chooses_l2_on_validation(tmp_path):
 
 def test_lp_ft_and_frozen_recipes_train(tmp_path):
     store = make_tiny_store(tmp_path / "s.h5", n_per_class=6, size=40)
-    (run,) = train(store, tmp_path / "lpft", TrainConfig(**{**TINY.__dict__, "recipe": "lp-ft"}), fold=0)
+    (run,) = train(store, tmp_path / "lpft", Stage1Config(**{**TINY.__dict__, "recipe": "lp-ft"}), fold=0)
     _, meta = load_checkpoint(run / "best.pt")
     assert meta["config"]["recipe"] == "lp-ft" and meta["epoch"] == 1
     with pytest.raises(WbcError, match="--recipe"):
-        train(store, tmp_path / "x", TrainConfig(**{**TINY.__dict__, "recipe": "wise"}), fold=0)
+        train(store, tmp_path / "x", Stage1Config(**{**TINY.__dict__, "recipe": "wise"}), fold=0)
 
 
 def test_frozen_pretrained_member_keeps_pretrained_backbone(tmp_path):
     store = make_tiny_store(tmp_path / "s.h5", n_per_class=6, size=40)
     pre = _pretrained_file(tmp_path, 3)
-    cfg = TrainConfig(**{**TINY.__dict__, "pretrained": str(pre), "recipe": "frozen-pretrained"})
+    cfg = Stage1Config(**{**TINY.__dict__, "pretrained": str(pre), "recipe": "frozen-pretrained"})
     (run,) = train(store, tmp_path / "frozen", cfg, fold=0)
     model, meta = load_checkpoint(run / "best.pt")
     assert meta["epoch"] == 0 and meta["complete"] and meta["config"]["recipe"] == "frozen-pretrained"
@@ -173,7 +173,7 @@ def _pretrained_file(tmp_path, n_cls):
 def _finetuned(tmp_path):
     store = make_tiny_store(tmp_path / "s.h5", n_per_class=6, size=40)
     pre = _pretrained_file(tmp_path, 3)
-    (run,) = train(store, tmp_path / "ft", TrainConfig(**{**TINY.__dict__, "pretrained": str(pre)}), fold=0)
+    (run,) = train(store, tmp_path / "ft", Stage1Config(**{**TINY.__dict__, "pretrained": str(pre)}), fold=0)
     return store, pre, run / "best.pt"
 
 

@@ -6,20 +6,19 @@ import json
 import numpy as np
 import pytest
 
-import wbc.engine.extract as extract_mod
+import wbc.embed as embed_mod
 from tests.test_external import build_env, exit_code
 from wbc.backbones import load_checkpoint
 from wbc.cache import cache_info, open_cache
 from wbc.degrade import degrade_batch
-from wbc.engine.extract import embed_views
-from wbc.engine.predict import save_ensemble
-from wbc.engine.robustness import (
+from wbc.embed import embed_views
+from wbc.engine.evaluate.robustness import (
     RobustnessConfig,
     group_name,
     robustness,
     stratified_subset,
 )
-from wbc.ensemble import Member, member_output, view_probs
+from wbc.ensemble import Member, member_output, save_ensemble, view_probs
 from wbc.errors import WbcError
 from wbc.metrics import classification_metrics
 
@@ -36,13 +35,13 @@ def env(tmp_path_factory):
 def forwards(monkeypatch):
     """Counts the backbone forward passes of extraction."""
     calls = []
-    real = extract_mod._forward_views
+    real = embed_mod.forward_views
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(extract_mod, "_forward_views", counted)
+    monkeypatch.setattr(embed_mod, "forward_views", counted)
     return calls
 
 

@@ -108,11 +108,11 @@ def test_checkpoint_missing_a_key_is_one_line(world, tmp_path):
 
 def test_our_own_checkpoints_load_with_weights_only(world, tmp_path):
     """What `wbc train` writes (last.pt with optimizer, scheduler and stopper state) is plain data."""
-    from wbc.engine.train_backbone import train
-    from wbc.engine.train_config import TrainConfig
+    from wbc.engine.stage1.config import Stage1Config
+    from wbc.engine.stage1.train import train
 
     _, store = world
-    cfg = TrainConfig(backbone="test_resnet", pretrained="none", epochs=1, batch_size=4, crop=32,
+    cfg = Stage1Config(backbone="test_resnet", pretrained="none", epochs=1, batch_size=4, crop=32,
                       workers=0, preload=True, device="cpu", augment="none")
     (run,) = train(store, tmp_path / "r", cfg, fold=0)
     for name in ("best.pt", "last.pt"):

@@ -61,9 +61,9 @@ def test_loss_spec_refuses_bad_values_when_made(kw, msg):
 
 
 def test_fit_refuses_a_stage1_config(cache):
-    from wbc.engine.train_config import TrainConfig
+    from wbc.engine.stage1.config import Stage1Config
 
-    for bad in (TrainConfig(), [TrainConfig()], "balanced_softmax", []):
+    for bad in (Stage1Config(), [Stage1Config()], "balanced_softmax", []):
         with pytest.raises(WbcError, match="HeadConfig"):
             fit(cache, 0, bad)
 

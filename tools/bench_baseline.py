@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 def frozen_checkpoint(store_path: Path, path: Path, crop: int) -> Path:
     from wbc.backbones import create_backbone, data_config, resolve_name
-    from wbc.engine.checkpointing import save_atomic, stage1_dict
+    from wbc.engine.stage1.checkpointing import save_atomic, stage1_dict
     from wbc.store import open_store
 
     if path.exists():

@@ -158,7 +158,7 @@ def write_pbc_subset(degradation: str, severity: int) -> Path:
     from PIL import Image
 
     from wbc.degrade import degrade_batch
-    from wbc.engine.robustness import stratified_subset
+    from wbc.engine.evaluate.robustness import stratified_subset
     from wbc.store import open_store
 
     d = OUT / "pbc-sets" / f"{degradation}-{severity}"
@@ -185,8 +185,7 @@ def cached_test(ens: Path) -> dict:
     """PBC-LT clean test from the cache (adaptation off): MF1, review flags, risk-coverage."""
     from wbc.adapt.reference import member_reference, review_rule
     from wbc.cache import open_cache
-    from wbc.engine.predict import load_ensemble
-    from wbc.ensemble import view_probs
+    from wbc.ensemble import load_ensemble, view_probs
     from wbc.heads import load_head
     from wbc.metrics import classification_metrics
     from wbc.selective import selective_report
@@ -194,10 +193,10 @@ def cached_test(ens: Path) -> dict:
     m = load_ensemble(ens).members[0]
     ref = member_reference(m)
     rule, how = review_rule([ref], 0.95)
-    c = open_cache(m["cache"])
+    c = open_cache(m.cache)
     rows = c.rows("test")
     f = c.read("features", rows).astype(np.float32)
-    logits = load_head(m["head"]).logits(f) if m.get("head") else c.read("stage1_logits", rows)
+    logits = load_head(m.head).logits(f) if m.head else c.read("stage1_logits", rows)
     probs = view_probs(logits)
     y, p = np.asarray(c.labels)[rows], probs.argmax(1)
     conf, ood = probs.max(1), ref.maha.score(f)
@@ -281,8 +280,8 @@ def zoom_line(est: dict | None) -> str:
 
 def subset_cache() -> Path:
     """Features of a stratified subset of training, validation (fold 0) and test rows."""
-    from wbc.engine.extract import ExtractConfig, extract
-    from wbc.engine.robustness import stratified_subset
+    from wbc.engine.evaluate.robustness import stratified_subset
+    from wbc.engine.extract.run import ExtractConfig, extract
     from wbc.store import open_store
 
     out = OUT / "features.zarr"

@@ -38,7 +38,7 @@ import torch
 
 from tools.benchlib import machine, write_section
 from wbc.cache import open_cache
-from wbc.engine.ablate import grid_specs
+from wbc.engine.stage2.ablate import grid_specs
 from wbc.losses import LossSpec
 from wbc.stage2 import HeadConfig
 from wbc.stage2.trainer import fit_heads
@@ -124,7 +124,7 @@ def peak_rss_streaming(cache: Path, epochs: int, memory_gb: float, threads: int)
 import json, os, resource, sys, time
 os.environ['WBC_NO_PROGRESS'] = '1'
 import torch, zarr, numpy
-from wbc.engine import crt
+from wbc.engine.stage2 import crt
 from wbc.stage2 import HeadConfig
 import wbc.cache
 def rss(key):

@@ -7,7 +7,7 @@ Usage: .venv/bin/python tools/bench_extract.py [--store cache/images/pbc-lt.h5] 
 The backbone has random weights (a real-size network: the cost is the same as a trained one).
 Bare forward = the same model, batch (batch x K views), channels_last and AMP settings, on a
 tensor already on the device, under inference_mode: the ceiling for extraction. Extraction =
-`wbc.engine.extract.extract` on the first N rows of the store, timed over its block loop (read,
+`wbc.engine.extract.run.extract` on the first N rows of the store, timed over its block loop (read,
 crop, copy, view generation, forward, NaN check, Zarr write); the end-to-end time, which adds
 model loading, hashing and store creation, is reported too. Target: ratio >= 0.9.
 Without --store (or if cache/images/pbc-lt.h5 is missing) a synthetic store of 368 px cells is
@@ -34,7 +34,7 @@ import torch
 from tools.benchlib import machine, write_section
 from wbc.backbones import data_config, embed
 from wbc.device import amp_dtype, resolve_device
-from wbc.engine.extract import ExtractConfig, extract
+from wbc.engine.extract.run import ExtractConfig, extract
 from wbc.errors import WbcError
 from wbc.store import StoreWriter, open_store, write_split
 from wbc.views import resolve_views

@@ -105,7 +105,7 @@ def _complete(cache: Path) -> bool:
 def parse_folds(text: str) -> list[int]:
     """"0,1" -> [0, 1] (wbc's fold-list parser); "all" -> the five folds (the Makefile's FOLDS default)."""
     from wbc.errors import WbcError
-    from wbc.splits import parse_fold_list as parse
+    from wbc.folds import parse_fold_list as parse
 
     if text.strip() == "all":
         return [0, 1, 2, 3, 4]

@@ -5,15 +5,18 @@ Usage: .venv/bin/python tools/bench_prepare.py [--data ../shared/data] [--n 400]
 
 On a seeded subset of `--n` PBC-LT images (template: a fixed PBC-LT image, by default the medoid
 `wbc prepare` picks for the full set):
-1. validation (untimed): per image, `BatchMacenko` (batches of 4, padded) against torchstain plus
-   the clamp (`StainNormalizer`, backend torchstain), on the subset and on `--jtsc` JTSC images:
-   share of pixels within 1 grey level, worst difference, images flagged by one and not the other;
+1. validation (untimed): per image, the batched backend's two implementations, numpy
+   (`NumpyMacenko`, its CPU path) and torch (`BatchMacenko`, batches of 4, padded: its GPU path,
+   run on the CPU), against torchstain plus the clamp (`StainNormalizer`, backend torchstain), on
+   the subset and on `--jtsc` JTSC images: share of pixels within 1 grey level, worst difference,
+   images flagged by one and not the other;
 2. the plain per-image torchstain loop in this process, one torch thread: PIL decode ->
    `normalize(stains=False)` -> resize to 368 (run before and after the prepares: load bracket);
 3. `wbc prepare SUBSET.csv --template T` through the installed script (process start-up
-   included), `--stain-backend torchstain`, then `batched --device cpu` (default workers);
-4. the batched normaliser alone on the decoded images (CPU; and CUDA at 368 px where available);
-5. the two stores compared pixel by pixel (and their content ids).
+   included), `--stain-backend torchstain`, then `batched --device cpu` (default workers: threads)
+   and the same with `--workers 0` (all in one thread);
+4. the normalisers alone on the decoded images (CPU; and CUDA at 368 px where available);
+5. the stores compared pixel by pixel (and their content ids).
 Writes the `prepare` section of BENCHMARKS.md.
 """
 
@@ -38,10 +41,12 @@ from PIL import Image
 
 from tools.benchlib import machine, write_section
 from wbc.prepare import PrepareConfig, prepare_store
+from wbc.prepare_batch import _ENCODER
 from wbc.sources import resize_square
-from wbc.stain import StainNormalizer, try_normalize_with_info
+from wbc.stain import StainError, StainNormalizer, try_normalize_with_info
 from wbc.stain_batch import BatchMacenko, pad_batch
-from wbc.store import encode_image, open_store
+from wbc.stain_np import NumpyMacenko
+from wbc.store import open_store
 
 
 def cpu_seconds() -> float:
@@ -61,22 +66,39 @@ def decode(p: Path) -> np.ndarray:
     return np.array(Image.open(p).convert("RGB"))
 
 
-def validate(norm: StainNormalizer, batched: BatchMacenko, images: list[np.ndarray]) -> dict:
-    """Per-image agreement of the batched normaliser with torchstain + clamp."""
+def torch_rows(batched: BatchMacenko):
+    """images -> [(image, ok, reason)] by BatchMacenko, batches of 4 (padded)."""
+    def run(chunk: list[np.ndarray]) -> list[tuple[np.ndarray, bool, str]]:
+        r = batched.normalize(*pad_batch(chunk))
+        return [(r.images[k, : im.shape[0], : im.shape[1]].numpy(), bool(r.ok[k]), r.reasons[k])
+                for k, im in enumerate(chunk)]
+    return run
+
+
+def numpy_rows(nm: NumpyMacenko):
+    """images -> [(image, ok, reason)] by NumpyMacenko, one at a time."""
+    def one(im: np.ndarray) -> tuple[np.ndarray, bool, str]:
+        try:
+            return nm.normalize(im), True, ""
+        except StainError as e:
+            return im, False, str(e)
+    return lambda chunk: [one(im) for im in chunk]
+
+
+def validate(norm: StainNormalizer, run, images: list[np.ndarray]) -> dict:
+    """Per-image agreement of a batched-backend implementation with torchstain + clamp."""
     within = total = worst = identical = 0
     flag_diff, fails = [], 0
     for s in range(0, len(images), 4):
         chunk = images[s: s + 4]
-        x, sizes = pad_batch(chunk)
-        r = batched.normalize(x, sizes)
-        for k, im in enumerate(chunk):
+        for im, (got, got_ok, got_reason) in zip(chunk, run(chunk)):
             ref, ok, reason, _ = try_normalize_with_info(norm, im)
             h, w = im.shape[:2]
-            if ok != bool(r.ok[k]):
-                flag_diff.append(f"{reason or 'ok'} / {r.reasons[k] or 'ok'}")
+            if ok != got_ok:
+                flag_diff.append(f"{reason or 'ok'} / {got_reason or 'ok'}")
                 continue
             fails += not ok
-            d = np.abs(ref.astype(int) - r.images[k, :h, :w].numpy().astype(int))
+            d = np.abs(ref.astype(int) - got.astype(int))
             within += int((d <= 1).all(-1).sum())
             identical += int((d == 0).all(-1).sum())
             total += h * w
@@ -101,17 +123,29 @@ def plain_loop(paths: list[Path], template: Path, size: int) -> tuple[float, flo
     return len(paths) / (time.perf_counter() - t0), 1000 * (cpu_seconds() - c0) / len(paths)
 
 
-def run_prepare(manifest: Path, out: Path, template: Path, size: int, backend: str) -> tuple[float, float]:
+def run_prepare(manifest: Path, out: Path, template: Path, size: int, backend: str,
+                *extra: str) -> tuple[float, float]:
     """`wbc prepare` through the installed script: (images/s incl. start-up, CPU ms/image)."""
     exe = Path(sys.executable).parent / "wbc"
     cmd = [str(exe), "prepare", str(manifest), "--out", str(out), "--template", str(template),
-           "--size", str(size), "--stain-backend", backend, "--overwrite"]
+           "--size", str(size), "--stain-backend", backend, "--overwrite", *extra]
     if backend == "batched":
         cmd += ["--device", "cpu"]
     n = len(manifest.read_text().splitlines()) - 1
     t0, c0 = time.perf_counter(), cpu_seconds()
     subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     return n / (time.perf_counter() - t0), 1000 * (cpu_seconds() - c0) / n
+
+
+def alone_numpy(nm: NumpyMacenko, images: list[np.ndarray]) -> tuple[float, float]:
+    """(images/s, CPU ms/image) of the numpy normaliser on decoded images, one thread."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for im in images:
+        try:
+            nm.normalize(im)
+        except StainError:
+            pass
+    return len(images) / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / len(images)
 
 
 def alone(batched: BatchMacenko, images: list[np.ndarray], batch: int) -> tuple[float, float]:
@@ -129,8 +163,9 @@ def alone(batched: BatchMacenko, images: list[np.ndarray], batch: int) -> tuple[
 
 
 def fixed_costs(paths: list[Path], size: int) -> dict:
-    """CPU ms per image of what every prepare does besides Macenko, and the start-up of a process
-    that imports prepare (torch included): wall s and CPU s."""
+    """CPU ms per image of what every prepare does besides Macenko (lzf: prepare's per-thread
+    encoder), and the start-up of a process that imports the CLI and prepare (no torch), and of
+    one that imports torch: wall s and CPU s."""
     c = time.process_time()
     images = [decode(p) for p in paths]
     out = {"decode": time.process_time() - c}
@@ -139,13 +174,17 @@ def fixed_costs(paths: list[Path], size: int) -> dict:
     out["resize"] = time.process_time() - c
     c = time.process_time()
     for im in small:
-        encode_image(im, "lzf")
+        _ENCODER.encode(im, "lzf")
     out["lzf"] = time.process_time() - c
     out = {k: 1000 * v / len(paths) for k, v in out.items()}
     t0, c0 = time.perf_counter(), cpu_seconds()
-    subprocess.run([sys.executable, "-c", "import wbc.prepare, wbc.cli"], check=True,
+    code = "import sys, wbc.cli, wbc.prepare, wbc.prepare_batch; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True,
                    env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     out["startup_wall"], out["startup_cpu"] = time.perf_counter() - t0, cpu_seconds() - c0
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    out["torch_wall"], out["torch_cpu"] = time.perf_counter() - t0, cpu_seconds() - c0
     return out
 
 
@@ -156,6 +195,126 @@ def compare_stores(a: Path, b: Path) -> dict:
     return {"within1": float((d <= 1).all(1).mean()), "identical": float((d == 0).all(1).mean()),
             "worst": int(d.max()), "same_ok": bool((sa.stain_ok == sb.stain_ok).all()),
             "ids": (sa.content_id, sb.content_id), "n": len(sa)}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Everything the section reports, in one run (validation first, untimed)."""
+    m: dict = {"load0": os.getloadavg()}
+    args.work.mkdir(parents=True, exist_ok=True)
+    pbc = subset(args.data, "pbc-lt", args.n)
+    template = args.data / "pbc-lt" / args.template
+    manifest = args.work / "subset.csv"
+    with open(manifest, "w", newline="") as f:
+        csv.writer(f).writerows([("image", "label"), *((str(p), y) for p, y in pbc)])
+
+    norm = StainNormalizer.fit(decode(template), backend="torchstain")
+    batched = BatchMacenko(norm.stain_matrix, norm.max_conc, norm.params)
+    nm = NumpyMacenko(norm.stain_matrix, norm.max_conc, norm.params)
+    pbc_images = [decode(p) for p, _ in pbc]
+    jtsc_images = [decode(p) for p, _ in subset(args.data, "jtsc", args.jtsc)]
+    m["val"] = {f"{name}, {impl}": validate(norm, run, ims)
+                for name, ims in (("PBC-LT", pbc_images), ("JTSC", jtsc_images))
+                for impl, run in (("numpy (CPU path)", numpy_rows(nm)), ("torch (GPU path, on CPU)", torch_rows(batched)))}
+
+    paths = [p for p, _ in pbc]
+    m["n_paths"] = len(paths)
+    loop_before = plain_loop(paths, template, args.size)
+    m["ts"] = run_prepare(manifest, args.work / "torchstain.h5", template, args.size, "torchstain")
+    m["bt"] = run_prepare(manifest, args.work / "batched.h5", template, args.size, "batched")
+    m["bt1"] = run_prepare(manifest, args.work / "batched1.h5", template, args.size, "batched", "--workers", "0")
+    loop_after = plain_loop(paths, template, args.size)
+    m["loop_before"], m["loop_after"] = loop_before, loop_after
+    m["loop"] = ((loop_before[0] + loop_after[0]) / 2, (loop_before[1] + loop_after[1]) / 2)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    prepare_store(manifest, args.work / "inproc.h5", PrepareConfig(size=args.size, template=str(template),
+                                                                   device="cpu"), overwrite=True)
+    m["inproc"] = (len(paths) / (time.perf_counter() - t0), 1000 * (cpu_seconds() - c0) / len(paths))
+    m["fixed"] = fixed_costs(paths, args.size)
+    m["solo_np"] = alone_numpy(nm, pbc_images)
+    m["solo"] = alone(batched, pbc_images, 4)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for im in pbc_images:
+        try_normalize_with_info(norm, im)
+    m["ref_solo"] = (len(pbc_images) / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / len(pbc_images))
+    m["gpu"] = None
+    if torch.cuda.is_available():
+        gb = BatchMacenko(norm.stain_matrix, norm.max_conc, norm.params, "cuda")
+        sq = [np.asarray(Image.fromarray(im).resize((args.size, args.size), Image.BICUBIC)) for im in pbc_images]
+        m["gpu"] = alone(gb, sq * max(1, 2048 // len(sq)), 256)
+    m["cmp"] = compare_stores(args.work / "torchstain.h5", args.work / "batched.h5")
+    m["cmp1"] = compare_stores(args.work / "batched1.h5", args.work / "batched.h5")
+    m["load1"] = os.getloadavg()
+    return m
+
+
+def report(args: argparse.Namespace, m: dict) -> str:
+    loop, ts, bt, bt1, inproc, fixed = m["loop"], m["ts"], m["bt"], m["bt1"], m["inproc"], m["fixed"]
+    solo_np, solo, ref_solo, gpu, cmp, n = m["solo_np"], m["solo"], m["ref_solo"], m["gpu"], m["cmp"], m["n_paths"]
+
+    def ratio(x: float) -> str:
+        return f"{x / loop[0]:.2f}x"
+
+    lines = [
+        "## prepare (`tools/bench_prepare.py`)",
+        "",
+        (f"{args.n} PBC-LT images (seeded subset), template `{args.template}`, {args.size} px, measured in one "
+         "run. `wbc prepare` runs through the installed script (process start-up, template fit, "
+         "normalise, resize, lzf, HDF5 writes); the plain loop is PIL decode -> "
+         "torchstain `normalize(stains=False)` -> resize, one process, one torch thread. On the CPU the "
+         "batched backend is numpy (`wbc.stain_np`, no torch import) in threads (default `--workers`: "
+         "one per core)."),
+        "",
+        "| pipeline | images/s (wall) | vs plain loop | CPU ms / image (all processes) |",
+        "|---|---|---|---|",
+        f"| plain torchstain loop, before / after the prepares | {m['loop_before'][0]:.1f} / {m['loop_after'][0]:.1f} | 1.00x | {loop[1]:.1f} |",
+        f"| `wbc prepare --stain-backend torchstain` | {ts[0]:.1f} | {ratio(ts[0])} | {ts[1]:.1f} |",
+        f"| `wbc prepare --stain-backend batched --device cpu` | {bt[0]:.1f} | **{ratio(bt[0])}** | {bt[1]:.1f} |",
+        f"| the same, `--workers 0` (one thread) | {bt1[0]:.1f} | {ratio(bt1[0])} | {bt1[1]:.1f} |",
+        f"| `prepare_store(..., device='cpu')` in this process (no start-up) | {inproc[0]:.1f} | {ratio(inproc[0])} | {inproc[1]:.1f} |",
+        f"| numpy normaliser alone (`NumpyMacenko`, decoded images) | {solo_np[0]:.1f} | - | {solo_np[1]:.1f} |",
+        f"| torch batched normaliser alone (CPU, 1 thread, batches of 4) | {solo[0]:.1f} | - | {solo[1]:.1f} |",
+        f"| torchstain + clamp alone (`StainNormalizer`, same images) | {ref_solo[0]:.1f} | - | {ref_solo[1]:.1f} |",
+        (f"| torch batched normaliser alone, CUDA, {args.size} px, batches of 256 | {gpu[0]:.0f} | - | {gpu[1]:.2f} |"
+         if gpu else "| torch batched normaliser alone, CUDA | not measured: no GPU on this machine | - | - |"),
+        "",
+        "Batched backend vs torchstain + clamp, per image (validation, untimed):",
+        "",
+        "| images, implementation | pixels within 1 grey level | identical | worst | flagged by one only | flagged by both |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, v in m["val"].items():
+        lines.append(f"| {name} ({v['n']}) | {100 * v['within1']:.4f}% | {100 * v['identical']:.2f}% | {v['worst']} | "
+                     f"{len(v['flag_diff'])} | {v['fails']} |")
+    own = fixed["decode"] + fixed["resize"] + fixed["lzf"]
+    lines += [
+        "",
+        (f"What every `prepare` pays besides Macenko, measured in this run (CPU ms per image, one thread): "
+         f"decode {fixed['decode']:.1f}, resize {fixed['resize']:.1f}, lzf compression {fixed['lzf']:.1f} "
+         f"({own:.1f} in all, against the plain loop's {loop[1]:.1f} for decode + torchstain + resize); process "
+         f"start-up (the CLI and prepare, no torch) {fixed['startup_cpu']:.2f} s CPU, {fixed['startup_wall']:.2f} s wall; "
+         f"`import torch` alone {fixed['torch_cpu']:.2f} s CPU, {fixed['torch_wall']:.2f} s wall."),
+        "",
+        (f"Stores: the batched store and the torchstain store ({cmp['n']} images each, {args.size} px): "
+         f"{100 * cmp['within1']:.4f}% of pixels within 1 grey level, {100 * cmp['identical']:.2f}% identical, "
+         f"worst {cmp['worst']}; same stain_ok flags: {cmp['same_ok']}. Their content ids differ by design "
+         f"(`stain_backend` is part of the settings hashed: {cmp['ids'][0][:12]} / {cmp['ids'][1][:12]}), "
+         "so a feature cache made from one store is not taken for the other. The batched store made with "
+         f"threads equals the one made in one thread: {m['cmp1']['identical'] == 1.0} "
+         f"(content ids {'equal' if m['cmp1']['ids'][0] == m['cmp1']['ids'][1] else 'differ'})."),
+        "",
+        (f"Machine: {machine()}; load average (1 min) {m['load0'][0]:.1f} at the start, {m['load1'][0]:.1f} at the end "
+         "(absolute figures move with the load; the ratios were measured side by side)."),
+    ]
+    verdict = "met" if bt[0] >= 2 * loop[0] else "**not met**"
+    lines += [
+        "",
+        (f"Done-when of issue 17 (batched `prepare` >= 2x the plain loop end to end on this CPU, {n} images): "
+         f"{verdict} ({ratio(bt[0])} end to end, {ratio(inproc[0])} in process without start-up). "
+         + (f"GPU: {gpu[0]:.0f} images/s (bar: 1,000)." if gpu else
+            "The GPU figure (bar: 1,000 images/s) was not measured: no GPU here; "
+            "`tests/test_stain_batch.py::test_cuda_matches_cpu` runs where CUDA exists.")),
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -169,108 +328,7 @@ def main() -> None:
     ap.add_argument("--print-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the plain loop's best (and the batched normaliser's, measured alone)
-    load0 = os.getloadavg()
-    args.work.mkdir(parents=True, exist_ok=True)
-    pbc = subset(args.data, "pbc-lt", args.n)
-    template = args.data / "pbc-lt" / args.template
-    manifest = args.work / "subset.csv"
-    with open(manifest, "w", newline="") as f:
-        csv.writer(f).writerows([("image", "label"), *((str(p), y) for p, y in pbc)])
-
-    norm = StainNormalizer.fit(decode(template), backend="torchstain")
-    batched = BatchMacenko(norm.stain_matrix, norm.max_conc, norm.params)
-    pbc_images = [decode(p) for p, _ in pbc]
-    jtsc_images = [decode(p) for p, _ in subset(args.data, "jtsc", args.jtsc)]
-    val = {"PBC-LT": validate(norm, batched, pbc_images), "JTSC": validate(norm, batched, jtsc_images)}
-
-    paths = [p for p, _ in pbc]
-    loop_before = plain_loop(paths, template, args.size)
-    ts = run_prepare(manifest, args.work / "torchstain.h5", template, args.size, "torchstain")
-    bt = run_prepare(manifest, args.work / "batched.h5", template, args.size, "batched")
-    loop_after = plain_loop(paths, template, args.size)
-    loop = ((loop_before[0] + loop_after[0]) / 2, (loop_before[1] + loop_after[1]) / 2)
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    prepare_store(manifest, args.work / "inproc.h5", PrepareConfig(size=args.size, template=str(template),
-                                                                   device="cpu"), overwrite=True)
-    inproc = (len(paths) / (time.perf_counter() - t0), 1000 * (cpu_seconds() - c0) / len(paths))
-    fixed = fixed_costs(paths, args.size)
-    own = fixed["decode"] + fixed["resize"] + fixed["lzf"] + 1000 * fixed["startup_cpu"] / len(paths)
-    solo = alone(batched, pbc_images, 4)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for im in pbc_images:
-        try_normalize_with_info(norm, im)
-    ref_solo = (len(pbc_images) / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / len(pbc_images))
-    gpu = None
-    if torch.cuda.is_available():
-        gb = BatchMacenko(norm.stain_matrix, norm.max_conc, norm.params, "cuda")
-        sq = [np.asarray(Image.fromarray(im).resize((args.size, args.size), Image.BICUBIC)) for im in pbc_images]
-        gpu = alone(gb, sq * max(1, 2048 // len(sq)), 256)
-    cmp = compare_stores(args.work / "torchstain.h5", args.work / "batched.h5")
-    load1 = os.getloadavg()
-
-    def ratio(x: float) -> str:
-        return f"{x / loop[0]:.2f}x"
-
-    lines = [
-        "## prepare (`tools/bench_prepare.py`)",
-        "",
-        (f"{args.n} PBC-LT images (seeded subset), template `{args.template}`, {args.size} px, measured in one "
-         "run. `wbc prepare` runs through the installed script (process start-up, template fit, "
-         "normalise, resize, lzf, HDF5 writes; default `--workers`); the plain loop is PIL decode -> "
-         "torchstain `normalize(stains=False)` -> resize, one process, one torch thread."),
-        "",
-        "| pipeline | images/s (wall) | vs plain loop | CPU ms / image (all processes) |",
-        "|---|---|---|---|",
-        f"| plain torchstain loop, before / after the prepares | {loop_before[0]:.1f} / {loop_after[0]:.1f} | 1.00x | {loop[1]:.1f} |",
-        f"| `wbc prepare --stain-backend torchstain` | {ts[0]:.1f} | {ratio(ts[0])} | {ts[1]:.1f} |",
-        f"| `wbc prepare --stain-backend batched --device cpu` | {bt[0]:.1f} | **{ratio(bt[0])}** | {bt[1]:.1f} |",
-        f"| `prepare_store(..., stain_backend='batched', device='cpu')` in this process (no start-up) | {inproc[0]:.1f} | {ratio(inproc[0])} | {inproc[1]:.1f} |",
-        f"| batched normaliser alone (CPU, 1 thread, batches of 4, decoded images) | {solo[0]:.1f} | - | {solo[1]:.1f} |",
-        f"| torchstain + clamp alone (`StainNormalizer`, same images) | {ref_solo[0]:.1f} | - | {ref_solo[1]:.1f} |",
-        (f"| batched normaliser alone, CUDA, {args.size} px, batches of 256 | {gpu[0]:.0f} | - | {gpu[1]:.2f} |"
-         if gpu else "| batched normaliser alone, CUDA | not measured: no GPU on this machine | - | - |"),
-        "",
-        "Batched vs torchstain + clamp, per image (validation, untimed):",
-        "",
-        "| images | pixels within 1 grey level | identical | worst | flagged by one only | flagged by both |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, v in val.items():
-        lines.append(f"| {name} ({v['n']}) | {100 * v['within1']:.4f}% | {100 * v['identical']:.2f}% | {v['worst']} | "
-                     f"{len(v['flag_diff'])} | {v['fails']} |")
-    same = "equal" if cmp["identical"] == 1.0 else "not bit-identical"
-    lines += [
-        "",
-        (f"What every `prepare` pays besides Macenko, measured in this run (CPU ms per image, one thread): "
-         f"decode {fixed['decode']:.1f}, resize {fixed['resize']:.1f}, lzf compression {fixed['lzf']:.1f}; "
-         f"process start-up (imports torch) {fixed['startup_cpu']:.1f} s CPU, {fixed['startup_wall']:.1f} s wall. "
-         f"Over {len(paths)} images that is {own:.1f} ms CPU per image before any normalisation, "
-         f"{100 * own / loop[1]:.0f}% of the plain loop's {loop[1]:.1f} ms (which pays decode and resize "
-         "but neither compression nor start-up): with a free normaliser one core could not reach 2x; "
-         "the rest has to come from the second core, which the load above leaves to other jobs."),
-    ]
-    lines += [
-        "",
-        (f"Stores: the batched store and the torchstain store ({cmp['n']} images each, {args.size} px) are {same}: "
-         f"{100 * cmp['within1']:.4f}% of pixels within 1 grey level, {100 * cmp['identical']:.2f}% identical, "
-         f"worst {cmp['worst']}; same stain_ok flags: {cmp['same_ok']}. Their content ids differ by design "
-         f"(`stain_backend` is part of the settings hashed: {cmp['ids'][0][:12]} / {cmp['ids'][1][:12]}), "
-         "so a feature cache made from one store is not taken for the other."),
-        "",
-        (f"Machine: {machine()}; load average (1 min) {load0[0]:.1f} at the start, {load1[0]:.1f} at the end "
-         "(the 2 cores are shared with other developers' jobs: absolute figures move with the load, the "
-         "ratios were measured side by side)."),
-    ]
-    verdict = "met" if bt[0] >= 2 * loop[0] else "**not met**"
-    lines += [
-        "",
-        (f"Done-when of issue 17 (batched `prepare` >= 2x the plain loop end to end on this CPU): {verdict} "
-         f"({ratio(bt[0])} end to end, {ratio(inproc[0])} in process without start-up). "
-         + (f"GPU: {gpu[0]:.0f} images/s (bar: 1,000)." if gpu else
-            "The GPU figure (bar: 1,000 images/s) was not measured: no GPU here; "
-            "`tests/test_stain_batch.py::test_cuda_matches_cpu` runs where CUDA exists.")),
-    ]
-    body = "\n".join(lines)
+    body = report(args, measure(args))
     print(body)
     if not args.print_only:
         write_section("prepare", body)

@@ -43,15 +43,15 @@ ZOOMS = (1 / 1.6, 1.6)  # cells 1.6x smaller / larger in the frame
 
 
 def train_cfg(args, augment: str, recipe: str):
-    from wbc.engine.train_config import TrainConfig
+    from wbc.engine.stage1.config import Stage1Config
 
-    return TrainConfig(backbone="lite0", pretrained="package", epochs=args.epochs, batch_size=32, lr=3e-4,
+    return Stage1Config(backbone="lite0", pretrained="package", epochs=args.epochs, batch_size=32, lr=3e-4,
                        patience=args.epochs, crop=args.crop, augment=augment, recipe=recipe, device="cpu",
                        workers=args.workers, seed=0)
 
 
 def stage1(args, work: Path, name: str) -> Path:
-    from wbc.engine.train_backbone import train
+    from wbc.engine.stage1.train import train
 
     run = work / "runs" / name
     if name == "frozen":
@@ -73,7 +73,7 @@ def _complete(best: Path) -> bool:
 def wise(args, work: Path, recipe: str, best: Path, alpha: float, bn: bool = False) -> Path:
     """`wbc interpolate` of the recipe's run (alpha 1: the run itself, unless `bn`: then
     `--recalibrate-bn`, BatchNorm statistics re-estimated on the training images)."""
-    from wbc.interpolate import alpha_dir, interpolate
+    from wbc.engine.stage1.interpolate import alpha_dir, interpolate
 
     if alpha == 1.0 and not bn:
         return best
@@ -88,8 +88,8 @@ def _val_mf1(ckpt: Path, head_path: Path, store_path: str, n: int, variants: dic
     """MF1 of checkpoint + cRT head on n stratified fold-0 validation images under each variant:
     name -> fn(images (B, S, S, 3) uint8, store rows) -> images."""
     from wbc.backbones import load_checkpoint
-    from wbc.engine.extract import embed_views
-    from wbc.engine.robustness import stratified_subset
+    from wbc.embed import embed_views
+    from wbc.engine.evaluate.robustness import stratified_subset
     from wbc.heads import Head
     from wbc.metrics import classification_metrics
     from wbc.store import open_store
@@ -113,7 +113,7 @@ def _val_mf1(ckpt: Path, head_path: Path, store_path: str, n: int, variants: dic
 
 def degraded_val(ckpt: Path, head_path: Path, store_path: str, n: int) -> dict:
     """MF1 under each of DEGS, as `wbc robustness` degrades the test rows."""
-    from wbc.engine.robustness import Degrader
+    from wbc.engine.evaluate.robustness import Degrader
     from wbc.store import open_store
 
     prov = open_store(store_path).provenance
@@ -143,12 +143,13 @@ def add_zoomed(args, work: Path, r: dict) -> dict:
 
 def score(args, work: Path, name: str, ckpt: Path) -> dict:
     """Every number of one row; cached in work/results/NAME.json."""
-    from wbc.engine.crt import crt
-    from wbc.engine.evaluate import ModelSpec, evaluate_table
-    from wbc.engine.external import evaluate_external
-    from wbc.engine.extract import ExtractConfig, extract
-    from wbc.engine.predict import save_ensemble
-    from wbc.engine.robustness import RobustnessConfig, robustness
+    from wbc.engine.evaluate.config import RobustnessConfig
+    from wbc.engine.evaluate.external import evaluate_external
+    from wbc.engine.evaluate.robustness import robustness
+    from wbc.engine.evaluate.table1 import ModelSpec, evaluate_table
+    from wbc.engine.extract.run import ExtractConfig, extract
+    from wbc.engine.stage2.crt import crt
+    from wbc.ensemble import save_ensemble
     from wbc.losses import LossSpec
     from wbc.stage2 import HeadConfig
 
@@ -248,11 +249,11 @@ def score_ensemble(args, work: Path, names: list[str]) -> dict:
     """The frozen member beside a fine-tuned one (`wbc ensemble save` with two members): val and test
     from the caches, degraded test from the cached groups, JTSC through the images. Informative
     only: no degraded or zoomed validation, so it is not a candidate of the choice."""
-    from wbc.engine.evaluate import ModelSpec, evaluate_table
-    from wbc.engine.external import evaluate_external
-    from wbc.engine.predict import save_ensemble
-    from wbc.engine.robustness import RobustnessConfig, robustness
-    from wbc.ensemble import Member, ensemble_probs, member_output
+    from wbc.engine.evaluate.config import RobustnessConfig
+    from wbc.engine.evaluate.external import evaluate_external
+    from wbc.engine.evaluate.robustness import robustness
+    from wbc.engine.evaluate.table1 import ModelSpec, evaluate_table
+    from wbc.ensemble import Member, ensemble_probs, member_output, save_ensemble
     from wbc.metrics import classification_metrics
 
     name = "+".join(names)

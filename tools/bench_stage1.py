@@ -22,12 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.benchlib import machine, write_section
-from wbc.engine.train_backbone import TrainConfig, train
+from wbc.engine.stage1.train import Stage1Config, train
 from wbc.log import setup_logging
 
 
 def run_stage1(args: argparse.Namespace) -> str:
-    cfg = TrainConfig(backbone=args.backbone, pretrained=args.pretrained, epochs=args.epochs,
+    cfg = Stage1Config(backbone=args.backbone, pretrained=args.pretrained, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, crop=args.crop, workers=args.workers,
                       patience=args.epochs, device="cpu", seed=0)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
@@ -64,7 +64,7 @@ throughput is a lower bound; a few CPU epochs at reduced resolution are far from
 
 
 def run_throughput(args: argparse.Namespace) -> str:
-    from wbc.engine.throughput import amp_speedup
+    from wbc.engine.stage1.throughput import amp_speedup
 
     r = amp_speedup(args.throughput, batch_size=args.batch_size, image_size=args.crop,
                     steps=args.steps, device=args.device)

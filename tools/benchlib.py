@@ -11,6 +11,8 @@ import platform
 import re
 from pathlib import Path
 
+from wbc.fsutil import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEach section is written by the script it names; figures are ratios measured in one run.\n"
@@ -41,9 +43,8 @@ def write_section(name: str, body: str, path: Path = BENCH) -> None:
     block = f"{begin}\n{body.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def pbc_lt_default() -> Path:

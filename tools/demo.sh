@@ -45,11 +45,11 @@ done
 
 first=${BACKBONES%% *}
 k0=${FOLDS%% *}
-# 8 distinct losses: with gamma 0 the focal term is plain CE and with lam 0 it is unused, so either
-# value would make several grid points the same CB-CE loss.
-step "ablate: 8 loss configurations (beta x gamma x lam) trained in one pass on the $first fold-$k0 cache"
-$WBC ablate "$OUT/features/$first-fold{fold}.zarr" --fold "$k0" --beta 0.99,0.9999 --gamma 1,2 \
-  --lam 0.5,1 --out "$OUT/runs/ablate-$first" --overwrite
+# 3 gammas x 2 lams x 2 betas = 12 points but 10 distinct losses: with gamma 0 the focal factor is 1,
+# so both lams are the same CB-CE; `wbc ablate` trains it once (LossSpec.key).
+step "ablate: beta x gamma x lam (10 distinct losses) trained in one pass on the $first fold-$k0 cache"
+$WBC ablate "$OUT/features/$first-fold{fold}.zarr" --fold "$k0" --beta 0.99,0.9999 --gamma 0,1,2 \
+  --lam 0.5,1 --save-heads --out "$OUT/runs/ablate-$first" --overwrite
 read -r LOSS BETA GAMMA LAM < <($PY -c "import csv, sys; r = next(r for r in csv.DictReader(open(sys.argv[1])) if r['best'] == '1'); print(r['loss'], r['beta'], r['gamma'], r['lam'])" "$OUT/runs/ablate-$first/ablate.csv")
 echo "the ablation's best on validation (marked * in ablate.md): $LOSS beta=$BETA gamma=$GAMMA lam=$LAM; every cRT head below uses it"
 
@@ -62,6 +62,9 @@ for b in $BACKBONES; do
   done
   models+=(--model "$b:$OUT/features/$b-fold{fold}.zarr:$OUT/runs/crt-$b/fold{fold}/head.pt")
 done
+# The cRT head on the ablated cache is the ablation's best head retrained alone (same loss, settings
+# and seed); check it, so the head used below is the one ablate.md marks best.
+$PY tools/same_head.py "$OUT/runs/ablate-$first" "$k0" "$OUT/runs/crt-$first/fold$k0/head.pt"
 
 step "evaluate: Table 1 on the held-out test (supervised, decoupled, ensemble rows) and report.html"
 $WBC evaluate "${models[@]}" --folds "${FOLDS// /,}" --out "$OUT/reports/table1" --title "pbc-demo held-out test" \
@@ -69,7 +72,10 @@ $WBC evaluate "${models[@]}" --folds "${FOLDS// /,}" --out "$OUT/reports/table1"
 
 step "predict: the held-out test cells (never trained on) with the ensemble of every backbone's fold-$k0 model"
 members=()
-for b in $BACKBONES; do members+=(--member "$OUT/runs/$b/fold$k0/best.pt:$OUT/runs/crt-$b/fold$k0/head.pt"); done
+# --cache: the members' training embeddings give each prediction its ood_score and review flag
+for b in $BACKBONES; do
+  members+=(--member "$OUT/runs/$b/fold$k0/best.pt:$OUT/runs/crt-$b/fold$k0/head.pt" --cache "$OUT/features/$b-fold$k0.zarr")
+done
 $WBC ensemble save "${members[@]}" --store "$STORE" --out "$OUT/ensemble.yaml"
 $PY tools/heldout_csv.py "$STORE" data/pbc-demo "$OUT/heldout.csv"
 echo "these are the store's held-out test rows (fold -1): no Stage-1 or Stage-2 model trained or early-stopped on them"

@@ -366,19 +366,15 @@ def open_cache(
         done = done_blocks(g)
         raise WbcError(f"{where} is incomplete ({int(done.sum())} of {len(done)} row blocks "
                        "written): rerun the same `wbc extract` command to finish it")
-    if checkpoint is not None:
-        sha, what = _resolve_checkpoint_sha(checkpoint)
-        if sha != attrs.get("checkpoint_sha256"):
+    for given, resolve, key, made in ((checkpoint, _resolve_checkpoint_sha, "checkpoint_sha256", "checkpoint"),
+                                      (store, _resolve_store_id, "store_content_id", "image store")):
+        if given is None:
+            continue
+        value, what = resolve(given)
+        if value != attrs.get(key):
             raise WbcError(
-                f"stale cache {where}: made from checkpoint {_short(attrs.get('checkpoint_sha256', ''))} "
-                f"but {what} is {_short(sha)}; re-extract it with `wbc extract ... --overwrite`"
-            )
-    if store is not None:
-        sid, what = _resolve_store_id(store)
-        if sid != attrs.get("store_content_id"):
-            raise WbcError(
-                f"stale cache {where}: made from image store {_short(attrs.get('store_content_id', ''))} "
-                f"but {what} is {_short(sid)}; re-extract it with `wbc extract ... --overwrite`"
+                f"stale cache {where}: made from {made} {_short(attrs.get(key, ''))} "
+                f"but {what} is {_short(value)}; re-extract it with `wbc extract ... --overwrite`"
             )
     return FeatureCache(
         path=path, group=group, attrs=attrs, features=g["features"],

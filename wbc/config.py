@@ -37,6 +37,7 @@ def load_config(cls: type[T], path: str | Path) -> T:
     if not path.exists():
         raise WbcError(f"config file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
+    data.pop("ran", None)  # what ran (device, dtype, ...) is recorded beside the settings, not one of them
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -8,6 +8,7 @@ image store and passed through a backbone (for the saliency maps).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +71,10 @@ def gallery_html(groups: dict[int, list[GalleryCell]], class_names: list[str], s
     images = store.images([c.row for c in cells]) if store is not None else None
     crops = overlays = None
     if saliency and images is not None:
+        t0 = time.perf_counter()
         crops, overlays = saliency_for(cells, images, checkpoint, head, device)
         stats["saliency"] = 0 if overlays is None else len(overlays)
+        stats["saliency_s"] = time.perf_counter() - t0
     parts, k = [], 0
     for c, group in groups.items():
         wrong = sum(g.pred != c for g in group)

@@ -170,7 +170,7 @@ class Head:
         )
 
 
-load_head = Head.load  # the function form used by wbc.ensemble and wbc.engine.predict
+load_head = Head.load  # the function form (wbc.ensemble, the engines)
 
 
 def tau_logits(raw: torch.Tensor, weight, bias, tau: float, adjust=None) -> torch.Tensor:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wbc.fsutil import atomic_write
+
 CSS = """
 body{font-family:system-ui,-apple-system,"DejaVu Sans",sans-serif;margin:1.5em auto;max-width:1200px;
 padding:0 1em;color:#222}
@@ -68,17 +70,25 @@ def jpeg_uri(image: np.ndarray, size: int | None = 112, quality: int = 85) -> st
 
     im = Image.fromarray(np.asarray(image, np.uint8))
     if size:
-        im.thumbnail((size, size), Image.Resampling.BILINEAR)
+        im.thumbnail((size, size), Image.Resampling.BOX)  # area average: a clean 3x reduction, 1.6x faster than bilinear
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def figure(fig, alt: str, dpi: int = 100) -> str:
-    """A matplotlib figure as an embedded <img>."""
-    from wbc.figures import png_bytes
+    """A figure as an embedded <img>: SVG text (`wbc.svg`), PNG bytes, or a matplotlib Figure."""
+    if isinstance(fig, str):
+        from wbc.svg import data_uri
 
-    return f'<img class="fig" alt="{esc(alt)}" src="{png_uri(png_bytes(fig, dpi))}">'
+        src = data_uri(fig)
+    elif isinstance(fig, bytes):
+        src = png_uri(fig)
+    else:
+        from wbc.figures import png_bytes
+
+        src = png_uri(png_bytes(fig, dpi))
+    return f'<img class="fig" alt="{esc(alt)}" src="{src}">'
 
 
 def table(head: list[str], rows: list[list[str]], raw: bool = False) -> str:
@@ -106,7 +116,6 @@ def write_page(path: Path, text: str) -> Path:
     """Write then rename: a half-written report never sits under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(text)
     return path

@@ -8,9 +8,11 @@ different losses trains as one batched computation (`wbc.stage2.batched_loss`):
     L_CE   = -alpha_y log p_y
     L      = (1 - lam) L_CE + lam (1 - p_y)^gamma L_CE
 
-ce: alpha=1, lam=0; cb_ce: alpha=effective-number weights, lam=0; focal: alpha=1, lam=1;
-cb_focal_hybrid: the paper's (1-lam) CB-CE + lam CB-focal; logit_adjusted (Menon et al. 2021):
-offset = la_tau * log prior; balanced_softmax (Ren et al. 2020): offset = log prior.
+A registered loss is its point (beta, gamma, lam, tau): alpha = effective-number weights at
+beta (0 = uniform), offset = tau * log prior. ce (0, 0, 0, 0); cb_ce (beta, 0, 0, 0); focal
+(0, gamma, 1, 0); cb_focal_hybrid (beta, gamma, lam, 0), the paper's (1-lam) CB-CE + lam CB-focal;
+logit_adjusted (Menon et al. 2021) (0, 0, 0, la_tau); balanced_softmax (Ren et al. 2020) (0, 0, 0, 1).
+Different points can be the same loss (gamma 0 or lam 0: CB-CE); `LossSpec.key` says which.
 This module is numpy only (no torch), so the CLI can list the registry's names cheaply.
 """
 
@@ -68,20 +70,40 @@ class LossSpec:
         """A short readable name holding only the parameters this loss uses."""
         return " ".join([self.name, *(f"{k}={getattr(self, k):g}" for k in self.uses)])
 
-    def key(self) -> tuple:
-        """Equal for two specs no loss can tell apart (ce ignores beta...)."""
-        return (self.name, *(getattr(self, k) for k in self.uses))
+    def point(self) -> tuple[float, float, float, float]:
+        """(beta, gamma, lam, tau): this loss in the family's coordinates, alpha = effective-number
+        weights at beta (0 = uniform), the focal term (gamma, lam), offset = tau * log prior
+        (tau: the logit adjustment's temperature, not the head's tau-normalisation)."""
+        return LOSSES.get(self.name).point(self)
+
+    def key(self) -> tuple[float, float, float, float]:
+        """Equal exactly when two specs are the same loss function, whatever their names.
+
+        The point, made canonical: with gamma = 0 the focal factor (1 - p_y)^0 is 1 and with
+        lam = 0 it is unused, so either is the (CB-)CE point (0, 0) whatever the other is.
+        So focal gamma=0 = ce, cb_focal_hybrid lam=1 beta=0 = focal, logit_adjusted la_tau=1 =
+        balanced_softmax, and ce ignores beta.
+        """
+        beta, gamma, lam, tau = self.point()
+        if gamma == 0.0 or lam == 0.0:
+            gamma = lam = 0.0
+        return (float(beta), float(gamma), float(lam), float(tau))
 
     def params(self, counts) -> LossParams:
         """This loss's point of the family for training class counts (C,)."""
-        return LOSSES.get(self.name).make(np.asarray(counts), self)
+        beta, gamma, lam, tau = self.point()
+        counts = np.asarray(counts)
+        # beta = 0 skips the weights' check, so CE trains with a class absent from the training rows.
+        alpha = effective_number_weights(counts, beta) if beta else np.ones(len(counts))
+        offset = tau * _log_prior(counts) if tau else np.zeros(len(counts))
+        return LossParams(alpha, float(gamma), float(lam), offset)
 
 
 @dataclass(frozen=True)
 class Loss:
-    """A registry entry: how a spec becomes the family's parameters, and which fields it reads."""
+    """A registry entry: a spec's point (beta, gamma, lam, tau) and the fields it reads."""
 
-    make: Callable[[np.ndarray, LossSpec], LossParams]
+    point: Callable[[LossSpec], tuple[float, float, float, float]]
     uses: tuple[str, ...]
 
 
@@ -111,52 +133,18 @@ def check_beta(beta: float) -> None:
         raise WbcError(f"--beta must be in [0, 1), got {beta:g} (0.9999 is the paper's value)")
 
 
-def _register(name: str, uses: tuple[str, ...]):
-    def deco(fn: Callable[[np.ndarray, LossSpec], LossParams]):
-        LOSSES.register(name)(Loss(fn, uses))
-        return fn
-
-    return deco
-
-
-def _ones(counts: np.ndarray) -> np.ndarray:
-    return np.ones(len(counts), dtype=np.float64)
-
-
-def _zeros(counts: np.ndarray) -> np.ndarray:
-    return np.zeros(len(counts), dtype=np.float64)
-
-
 def _log_prior(counts: np.ndarray) -> np.ndarray:
     n = np.asarray(counts, dtype=np.float64)
     return np.log(n / n.sum())
 
 
-@_register("ce", ())
-def _ce(counts, s: LossSpec) -> LossParams:
-    return LossParams(_ones(counts), 0.0, 0.0, _zeros(counts))
+def _register(name: str, uses: tuple[str, ...], point: Callable[[LossSpec], tuple]) -> None:
+    LOSSES.register(name)(Loss(point, uses))
 
 
-@_register("cb_ce", ("beta",))
-def _cb_ce(counts, s: LossSpec) -> LossParams:
-    return LossParams(effective_number_weights(counts, s.beta), 0.0, 0.0, _zeros(counts))
-
-
-@_register("focal", ("gamma",))
-def _focal(counts, s: LossSpec) -> LossParams:
-    return LossParams(_ones(counts), s.gamma, 1.0, _zeros(counts))
-
-
-@_register("cb_focal_hybrid", ("beta", "gamma", "lam"))
-def _hybrid(counts, s: LossSpec) -> LossParams:
-    return LossParams(effective_number_weights(counts, s.beta), s.gamma, s.lam, _zeros(counts))
-
-
-@_register("logit_adjusted", ("la_tau",))
-def _logit_adjusted(counts, s: LossSpec) -> LossParams:
-    return LossParams(_ones(counts), 0.0, 0.0, s.la_tau * _log_prior(counts))
-
-
-@_register("balanced_softmax", ())
-def _balanced_softmax(counts, s: LossSpec) -> LossParams:
-    return LossParams(_ones(counts), 0.0, 0.0, _log_prior(counts))
+_register("ce", (), lambda s: (0.0, 0.0, 0.0, 0.0))
+_register("cb_ce", ("beta",), lambda s: (s.beta, 0.0, 0.0, 0.0))
+_register("focal", ("gamma",), lambda s: (0.0, s.gamma, 1.0, 0.0))
+_register("cb_focal_hybrid", ("beta", "gamma", "lam"), lambda s: (s.beta, s.gamma, s.lam, 0.0))
+_register("logit_adjusted", ("la_tau",), lambda s: (0.0, 0.0, 0.0, s.la_tau))  # Menon et al. 2021
+_register("balanced_softmax", (), lambda s: (0.0, 0.0, 0.0, 1.0))  # Ren et al. 2020

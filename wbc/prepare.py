@@ -1,9 +1,11 @@
 """`prepare_store`: source images -> Macenko-normalised, resized HDF5 store (resumable).
 
-Pipeline per image (in worker processes: decoding and Macenko are the bottleneck): decode to
-RGB, normalise onto the template at source resolution, resize to S x S (bicubic), sha256 of the
-source bytes. The main process reads bytes, writes rows in plan order and commits a cursor every
-`commit_every` items, so an interrupted run resumes where it stopped.
+Pipeline per image (in worker threads for the batched backend, `wbc.prepare_batch`; in worker
+processes for torchstain): decode to RGB, normalise onto the template at source
+resolution, resize to S x S (bicubic), compress, sha256 of the source bytes. The main thread reads
+bytes, writes rows in plan order and commits a cursor every `commit_every` items, so an interrupted
+run resumes where it stopped. The batched backend on the CPU imports no torch (`wbc.stain_np`; its
+template estimate too): the process starts in ~0.5 s instead of ~3.5 s.
 
 Template `auto`: the stain matrix of every candidate (items the source marks `train`, else all
 non-test items, else all; labels unused; a seeded uniform subsample of at most
@@ -20,10 +22,12 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -122,7 +126,17 @@ def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-def _estimate_task(task: tuple[int, bytes | str]) -> tuple[int, list | None, list | None, str]:
+def _estimator(backend: str):
+    """The template's stain estimate: torchstain's for that backend, else numpy's (the batched
+    backend's CPU path, no torch import; the same within 1e-3)."""
+    if backend == "torchstain":
+        return estimate_stain
+    from wbc.stain_np import estimate
+
+    return estimate
+
+
+def _estimate_task(task: tuple[int, bytes | str], backend: str = "torchstain") -> tuple[int, list | None, list | None, str]:
     i, payload = task
     if isinstance(payload, str):
         return i, None, None, payload
@@ -130,7 +144,7 @@ def _estimate_task(task: tuple[int, bytes | str]) -> tuple[int, list | None, lis
         rgb, note = decode_image(payload)
         if note.startswith("grayscale"):
             return i, None, None, note
-        he, max_c = estimate_stain(rgb)
+        he, max_c = _estimator(backend)(rgb)
         return i, he.tolist(), max_c.tolist(), ""
     except (ImageDecodeError, StainError) as e:
         return i, None, None, str(e)
@@ -209,7 +223,7 @@ def choose_template(src: Source, cfg: PrepareConfig, pool) -> dict:
             raise WbcError(f"template image not found: {p}; give an image path or --template auto")
         try:
             rgb, _ = decode_image(p.read_bytes())
-            he, max_c = estimate_stain(rgb)
+            he, max_c = _estimator(cfg.stain_backend)(rgb)
         except (ImageDecodeError, StainError) as e:
             raise WbcError(f"template {p} cannot be used: {e}; choose another image") from None
         return {"spec": str(p), "path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
@@ -227,7 +241,7 @@ def choose_template(src: Source, cfg: PrepareConfig, pool) -> dict:
     found: dict[int, tuple[list, list]] = {}
     with progress() as bar:
         task = bar.add_task("template", total=len(cand), info="")
-        for i, he, max_c, _ in _imap(pool, _estimate_task, tasks()):
+        for i, he, max_c, _ in _imap(pool, partial(_estimate_task, backend=cfg.stain_backend), tasks()):
             if he is not None:
                 found[i] = (he, max_c)
             bar.advance(task)
@@ -257,7 +271,7 @@ def prepare_store(source: str | Path, out: str | Path, cfg: PrepareConfig = Prep
 
 def _prepare_locked(src: Source, out: Path, cfg: PrepareConfig, overwrite: bool, t0: float) -> PrepareReport:
     workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
-    _check_backend(cfg)
+    device = prepare_device(cfg.device)  # an unavailable device fails here, before any output exists
     label_index = {c: k for k, c in enumerate(src.class_names)}
     plan_id = _plan_id(src, cfg)
     done = None if overwrite else _complete_report(out, plan_id, len(src.items))
@@ -265,8 +279,10 @@ def _prepare_locked(src: Source, out: Path, cfg: PrepareConfig, overwrite: bool,
         return done
     # An unusable --template image is refused before any output file exists.
     given_tpl = choose_template(src, cfg, None) if cfg.stain and cfg.template != "auto" else None
-    with StoreWriter(out, size=cfg.size, plan_id=plan_id, compression=cfg.compression,
-                     overwrite=overwrite) as w, _pool_ctx(workers, threads=cfg.stain_backend == "batched") as pool:
+    torch_here = cfg.stain and (cfg.stain_backend == "torchstain" and workers == 0
+                                or cfg.stain_backend == "batched" and device != "cpu")
+    with StoreWriter(out, size=cfg.size, plan_id=plan_id, compression=cfg.compression, overwrite=overwrite) as w, \
+            _pool_ctx(workers, threads=cfg.stain_backend == "batched", torch_here=torch_here) as pool:
         start = w.cursor
         if w.get_meta("listed") is None:
             w.add_skipped(src.problems)
@@ -283,7 +299,7 @@ def _prepare_locked(src: Source, out: Path, cfg: PrepareConfig, overwrite: bool,
             stain_key = (tuple(map(tuple, tpl["stain_matrix"])), tuple(tpl["max_conc"]),
                          tuple(asdict(StainParams()).values()))
         job = (cfg.size, stain_key, cfg.compression)
-        _write_rows(w, src, label_index, _row_runner(cfg, pool, job), cfg.commit_every, start)
+        _write_rows(w, src, label_index, _row_runner(cfg, pool, job, device), cfg.commit_every, start)
         report, skipped = _finish(w, src, cfg, tpl, t0, start)
         report.template_seconds = t_tpl
     _write_skipped_csv(report.skipped_csv, skipped)
@@ -310,23 +326,38 @@ def _complete_report(out: Path, plan_id: str, n_items: int) -> PrepareReport | N
         content_id=s.content_id, notes=p.get("notes", {}))
 
 
-def _check_backend(cfg: PrepareConfig) -> None:
+def _gpu_possible() -> bool:
+    """Whether torch could find a GPU here, judged without importing torch (~3 s, more than
+    preparing a few hundred images): CUDA needs the NVIDIA driver's device nodes (/dev/dxg under
+    WSL), ROCm /dev/kfd, mps macOS."""
+    return sys.platform == "darwin" or any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
+
+
+def prepare_device(spec: str) -> str:
+    """Where the batched backend normalises: 'cpu' (numpy), or the torch device `spec` resolves to."""
+    if spec == "cpu" or (spec == "auto" and not _gpu_possible()):
+        return "cpu"
     from wbc.device import resolve_device
 
-    resolve_device(cfg.device)  # an unavailable device fails here, before any output exists
+    return str(resolve_device(spec))
 
 
-def _row_runner(cfg: PrepareConfig, pool, job: tuple):
+def _row_runner(cfg: PrepareConfig, pool, job: tuple, device: str):
     """tasks (index, bytes or problem) -> rows (index, stored chunk or None, stain_ok, sha, note)."""
     if cfg.stain_backend == "batched":
-        from wbc.device import resolve_device
         from wbc.prepare_batch import batch_size_for, batched_rows
-        from wbc.stain_batch import BatchMacenko
 
         size, stain, compression = job
-        dev = resolve_device(cfg.device)
-        norm = BatchMacenko(*map(np.asarray, stain[:2]), StainParams(*stain[2]), dev) if stain else None
-        return lambda tasks: batched_rows(pool, tasks, norm, size, compression, batch_size_for(dev))
+        norm = None
+        if stain and device == "cpu":
+            from wbc.stain_np import NumpyMacenko
+
+            norm = NumpyMacenko(*map(np.asarray, stain[:2]), StainParams(*stain[2]))
+        elif stain:
+            from wbc.stain_batch import BatchMacenko
+
+            norm = BatchMacenko(*map(np.asarray, stain[:2]), StainParams(*stain[2]), device)
+        return lambda tasks: batched_rows(pool, tasks, norm, size, compression, batch_size_for(device))
     return lambda tasks: _imap(pool, _prepare_task, ((i, b, job) for i, b in tasks))
 
 
@@ -334,16 +365,17 @@ class _pool_ctx:
     """A worker pool (or None for in-process work) that is shut down on any exit: processes, or
     threads (the batched backend: its work releases the GIL)."""
 
-    def __init__(self, workers: int, threads: bool = False):
+    def __init__(self, workers: int, threads: bool = False, torch_here: bool = False):
         self.pool = None
         self.threads = None
         if workers == 0 or threads:
-            # In-process: one torch thread, as in a worker. With more, OpenMP threads spin on a
-            # busy machine (measured: 3x the CPU per image on 2 shared cores).
-            import torch
+            if torch_here:
+                # In-process torch: one thread, as in a worker. With more, OpenMP threads spin on a
+                # busy machine (measured: 3x the CPU per image on 2 shared cores).
+                import torch
 
-            self.threads = torch.get_num_threads()
-            torch.set_num_threads(1)
+                self.threads = torch.get_num_threads()
+                torch.set_num_threads(1)
             if workers:
                 self.pool = ThreadPoolExecutor(workers, thread_name_prefix="wbc-prepare")
             return

@@ -1,53 +1,109 @@
-"""`prepare`'s batched path: threads decode, Macenko runs on a batch (`wbc.stain_batch`), threads
-resize and compress; rows come back in source order, as `prepare._prepare_task` gives them.
+"""`prepare`'s batched backend: threads decode, normalise, resize and compress; rows come back in
+source order, as `prepare._prepare_task` gives them.
 
-Threads, not processes: decoding (PIL), resizing, hashing and torch's kernels all release the
-GIL, and a thread starts in microseconds where a spawned worker re-imports torch (~2-5 s). Each
-chunk of `batch` items is one task: decode all, normalise those with stain in batches of equal
-size on the normaliser's device, then resize and encode each.
+Threads, not processes: decoding and resizing (PIL), hashing, numpy's array loops, torch's kernels
+and h5py's compression all release the GIL, and a thread starts in microseconds where a spawned
+worker re-imports its modules. Each chunk of `batch` items is one task. On the CPU the normaliser
+is `wbc.stain_np.NumpyMacenko`, image by image (no torch import: a process start costs ~0.5 s
+instead of ~3.5 s); on a GPU it is `wbc.stain_batch.BatchMacenko`, on batches of equal size.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import threading
 from collections.abc import Iterable, Iterator
 from functools import partial
 from itertools import islice
 
+import h5py
 import numpy as np
-import torch
 
 from wbc.sources import ImageDecodeError, decode_image, resize_square
-from wbc.stain_batch import BatchMacenko, pad_batch
-from wbc.store import EncodedImage, encode_image
+from wbc.stain import StainError
+from wbc.stain_np import NumpyMacenko
+from wbc.store import EncodedImage
 
 Row = tuple[int, EncodedImage | None, bool, str, str]  # (index, chunk or None if skipped, stain_ok, sha256, note)
 
 
-def batch_size_for(device: str | torch.device) -> int:
-    """Images per normalisation batch: small on the CPU (measured: 2-4 fastest; larger batches
-    fall out of cache), large on a GPU (kernel launches amortised)."""
-    return 4 if torch.device(device).type == "cpu" else 64
+def batch_size_for(device: str) -> int:
+    """Items per task: a few on the CPU (the threads share the work finely, a batch buys nothing
+    in numpy), many on a GPU (kernel launches amortised)."""
+    return 4 if str(device) == "cpu" else 64
 
 
-def prepare_chunk(normalizer: BatchMacenko | None, size: int, compression: str | None,
-                  chunk: list[tuple[int, bytes | str]]) -> list[Row]:
-    """Rows for one chunk of (index, source bytes or a listing problem)."""
+class _Encoder(threading.local):
+    """A store chunk per image through one in-memory HDF5 dataset per thread: the same bytes as
+    `encode_image`, without creating a file for each image."""
+
+    def encode(self, image: np.ndarray, compression: str | None) -> EncodedImage:
+        key = (image.shape, compression)
+        if getattr(self, "key", None) != key:
+            self.f = h5py.File(io.BytesIO(), "w")
+            self.ds = self.f.create_dataset("x", shape=(1, *image.shape), dtype=np.uint8,
+                                            chunks=(1, *image.shape), compression=compression)
+            self.key = key
+        self.ds[0] = image
+        mask, data = self.ds.id.read_direct_chunk((0,) * (image.ndim + 1))
+        return EncodedImage(bytes(data), int(mask), int(image.shape[0]), compression)
+
+
+_ENCODER = _Encoder()
+
+
+def _decode(i: int, payload: bytes | str) -> tuple[Row | None, np.ndarray | None, str, str]:
+    """-> (a finished row if the item is skipped, else None; rgb; sha; note)."""
+    if isinstance(payload, str):
+        return (i, None, False, "", payload), None, "", ""
+    sha = hashlib.sha256(payload).hexdigest()
+    try:
+        rgb, note = decode_image(payload)
+    except ImageDecodeError as e:
+        return (i, None, False, sha, str(e)), None, sha, ""
+    return None, rgb, sha, note
+
+
+def _row(i: int, rgb: np.ndarray, ok: bool, sha: str, note: str, size: int, compression: str | None) -> Row:
+    return i, _ENCODER.encode(resize_square(np.ascontiguousarray(rgb), size), compression), ok, sha, note
+
+
+def prepare_chunk(normalizer, size: int, compression: str | None, chunk: list[tuple[int, bytes | str]]) -> list[Row]:
+    """Rows for one chunk of (index, source bytes or a listing problem); normalizer: NumpyMacenko,
+    BatchMacenko or None (no stain normalisation)."""
+    if normalizer is not None and not isinstance(normalizer, NumpyMacenko):
+        return _prepare_chunk_torch(normalizer, size, compression, chunk)
+    rows = []
+    for i, payload in chunk:
+        row, rgb, sha, note = _decode(i, payload)
+        if row is None:
+            ok = True
+            if normalizer is not None and note.startswith("grayscale"):
+                ok, note = False, f"{note}: no stain to normalise"
+            elif normalizer is not None:
+                try:
+                    rgb = normalizer.normalize(rgb)
+                except StainError as e:
+                    ok, note = False, str(e)
+            row = _row(i, rgb, ok, sha, note, size, compression)
+        rows.append(row)
+    return rows
+
+
+def _prepare_chunk_torch(normalizer, size: int, compression: str | None,
+                         chunk: list[tuple[int, bytes | str]]) -> list[Row]:
+    """`prepare_chunk` with BatchMacenko: decode all, normalise those with stain in batches of
+    equal size on the normaliser's device, then resize and encode each."""
+    from wbc.stain_batch import pad_batch
+
     rows: dict[int, Row] = {}
     todo: list[tuple[int, np.ndarray, str, str]] = []  # (index, rgb, sha, note) to normalise
     done: list[tuple[int, np.ndarray, bool, str, str]] = []  # (index, rgb, ok, sha, note) to store
     for i, payload in chunk:
-        if isinstance(payload, str):
-            rows[i] = (i, None, False, "", payload)
-            continue
-        sha = hashlib.sha256(payload).hexdigest()
-        try:
-            rgb, note = decode_image(payload)
-        except ImageDecodeError as e:
-            rows[i] = (i, None, False, sha, str(e))
-            continue
-        if normalizer is None:
-            done.append((i, rgb, True, sha, note))
+        row, rgb, sha, note = _decode(i, payload)
+        if row is not None:
+            rows[i] = row
         elif note.startswith("grayscale"):
             done.append((i, rgb, False, sha, f"{note}: no stain to normalise"))
         else:
@@ -64,12 +120,12 @@ def prepare_chunk(normalizer: BatchMacenko | None, size: int, compression: str |
             ok = bool(r.ok[k])
             done.append((i, out[k] if ok else rgb, ok, sha, note if ok else r.reasons[k]))
     for i, rgb, ok, sha, note in done:
-        rows[i] = (i, encode_image(resize_square(np.ascontiguousarray(rgb), size), compression), ok, sha, note)
+        rows[i] = _row(i, rgb, ok, sha, note, size, compression)
     return [rows[i] for i, _ in chunk]
 
 
-def batched_rows(pool, tasks: Iterable[tuple[int, bytes | str]], normalizer: BatchMacenko | None,
-                 size: int, compression: str | None, batch: int) -> Iterator[Row]:
+def batched_rows(pool, tasks: Iterable[tuple[int, bytes | str]], normalizer, size: int,
+                 compression: str | None, batch: int) -> Iterator[Row]:
     """Rows in task order; `pool` is a ThreadPoolExecutor (None = this thread)."""
     from wbc.prepare import _imap  # the ordered, bounded map prepare's process pool uses
 
@@ -79,3 +135,4 @@ def batched_rows(pool, tasks: Iterable[tuple[int, bytes | str]], normalizer: Bat
     window = max(2, 2 * (pool._max_workers if pool is not None else 1))
     for rows in _imap(pool, fn, chunks, window=window):
         yield from rows
+

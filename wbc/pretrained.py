@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,7 @@ def lite_weights(timm_name: str, cache_dir: Path | None = None) -> Path:
     dest = (cache_dir or weights_cache_dir()) / f"{timm_name}.package.pth"
     if not dest.is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".tmp")
-        torch.save(convert_lite(src, timm_name), tmp)
-        tmp.replace(dest)  # write then rename: a crash never leaves a half file under the real name
+        with atomic_write(dest, "wb") as f:  # a crash never leaves a half file under the real name
+            torch.save(convert_lite(src, timm_name), f)
         log.info("converted %s -> %s", src.name, dest)
     return dest

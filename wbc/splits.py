@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from wbc import __version__
 from wbc.errors import WbcError
-from wbc.folds import parse_fold_list  # noqa: F401 - its home was here; callers import it from both
+from wbc.folds import TEST
 from wbc.store import open_store, write_split
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def make_split(labels: np.ndarray, groups: list[str], source_splits: list[str],
     src = np.asarray([s.strip().lower() for s in source_splits], dtype=object)
     honour = cfg.use_source_split and bool((src[labelled] == "test").any())
     test = labelled[src[labelled] == "test"] if honour else _holdout(labelled, y, gid, grouped, cfg)
-    fold[test] = -1
+    fold[test] = TEST
     pool = np.setdiff1d(labelled, test)
     _check_class_sizes(y[pool], class_names, cfg.folds)
     if grouped:
@@ -114,7 +114,7 @@ def make_split(labels: np.ndarray, groups: list[str], source_splits: list[str],
 
 def _groups_in_several_parts(fold: np.ndarray, gid: np.ndarray) -> int:
     used = fold != -2
-    part = np.where(fold[used] == -1, -1, 0)  # test vs CV pool (CV folds are grouped by construction)
+    part = np.where(fold[used] == TEST, TEST, 0)  # test vs CV pool (CV folds are grouped by construction)
     pairs = np.unique(np.stack([gid[used], part]), axis=1)
     _, counts = np.unique(pairs[0], return_counts=True)
     return int((counts > 1).sum())

@@ -23,10 +23,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torchstain
+
+if TYPE_CHECKING:  # torch is imported where it is used: `prepare` on the CPU never needs it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ def _check_rgb(image: np.ndarray) -> None:
 
 def _to_hwc(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 numpy -> the same as a tensor (no copy unless needed)."""
+    import torch
+
     image = np.ascontiguousarray(image)
     if not image.flags.writeable:  # PIL-backed arrays are read-only; torch warns on those
         image = image.copy()
@@ -161,6 +165,8 @@ def estimate_stain(image: np.ndarray, params: StainParams = StainParams()) -> tu
     vectors) and max_conc (2,) float64 (99th percentile concentrations). Raises StainError.
     """
     _guard(image, params)
+    import torchstain  # imports torch: `prepare` on the CPU never gets here (wbc.stain_np)
+
     n = torchstain.normalizers.MacenkoNormalizer(backend="torch")
     try:
         n.fit(_to_chw(image), Io=params.io, alpha=params.alpha, beta=params.beta)
@@ -177,9 +183,9 @@ BACKENDS = ("batched", "torchstain")  # wbc.stain_batch (pure torch, any device)
 class StainNormalizer:
     """Normalise images onto a template's stain matrix and max concentrations (Macenko).
 
-    backend "torchstain": torchstain's own estimate per image (the reference); "batched":
-    `wbc.stain_batch.BatchMacenko` (the same result within one grey level; what `prepare` uses
-    by default, here one image at a time)."""
+    backend "torchstain": torchstain's own estimate per image (the reference); "batched": what
+    `prepare` uses by default, the same result within one grey level: `wbc.stain_np.NumpyMacenko`
+    on the CPU (no torch), `wbc.stain_batch.BatchMacenko` on other devices; here one image at a time."""
 
     def __init__(self, stain_matrix: np.ndarray, max_conc: np.ndarray, params: StainParams = StainParams(),
                  backend: str = "torchstain", device: str = "cpu"):
@@ -189,11 +195,19 @@ class StainNormalizer:
         self.max_conc = np.asarray(max_conc, dtype=np.float64).reshape(2)
         self.params = params
         self.backend = backend
-        self._n = torchstain.normalizers.MacenkoNormalizer(backend="torch")
-        self._n.HERef = torch.tensor(self.stain_matrix, dtype=torch.float32)
-        self._n.maxCRef = torch.tensor(self.max_conc, dtype=torch.float32)
-        self._batch = None
-        if backend == "batched":
+        self._n = self._batch = None
+        if backend == "torchstain":
+            import torch
+            import torchstain
+
+            self._n = torchstain.normalizers.MacenkoNormalizer(backend="torch")
+            self._n.HERef = torch.tensor(self.stain_matrix, dtype=torch.float32)
+            self._n.maxCRef = torch.tensor(self.max_conc, dtype=torch.float32)
+        elif str(device) == "cpu":  # numpy: no torch import, the same result (`prepare` on a CPU)
+            from wbc.stain_np import NumpyMacenko
+
+            self._batch = NumpyMacenko(self.stain_matrix, self.max_conc, params)
+        else:
             from wbc.stain_batch import BatchMacenko
 
             self._batch = BatchMacenko(self.stain_matrix, self.max_conc, params, device)
@@ -230,6 +244,8 @@ class StainNormalizer:
         max_conc (2,) of the image itself}."""
         if self._batch is not None:
             return self._normalize_batched(image)
+        import torch
+
         n_stained = _guard(image, self.params)
         p = self.params
         try:
@@ -256,9 +272,10 @@ class StainNormalizer:
             raise StainError("Macenko produced NaN (degenerate concentrations)")
         return np.clip(out, 0, 255).astype(np.uint8), info
 
-
     def _normalize_batched(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
         _check_rgb(image)
+        if not hasattr(self._batch, "device"):  # NumpyMacenko
+            return self._batch.normalize_with_info(image)
         r = self._batch.normalize(_to_hwc(image)[None])
         if not bool(r.ok[0]):
             raise StainError(r.reasons[0])

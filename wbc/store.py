@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from wbc.errors import WbcError
+from wbc.folds import TEST
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ class ImageStore:
 
     def indices(self, fold: int | str) -> np.ndarray:
         """Row indices (sorted) of CV fold `fold` (int) or of the held-out test ('test')."""
-        code = -1 if fold == "test" else int(fold)
+        code = TEST if fold == "test" else int(fold)
         return np.flatnonzero(self.folds == code)
 
 
@@ -438,7 +439,7 @@ def store_info(path: str | Path) -> dict:
     y = s.labels
     parts: dict[str, np.ndarray] = {"all": np.ones(len(y), bool)}
     if s.is_split:
-        parts["test"] = s.folds == -1
+        parts["test"] = s.folds == TEST
         for k in range(s.num_folds):
             parts[f"fold{k}"] = s.folds == k
         if (s.folds == -2).any():

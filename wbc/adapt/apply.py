@@ -45,7 +45,7 @@ def plain_adaptation(ens, coverage: float = 0.95) -> Adaptation:
     """Identity adaptation with the review rule from the members' caches (if every member has one)."""
     from wbc.adapt.reference import member_reference, review_rule
 
-    if not all(m.get("cache") for m in ens.members):
+    if not all(m.cache for m in ens.members):
         log.warning("ensemble members have no feature cache: ood_score and review are left empty "
                     "(save the ensemble with --cache, or run `wbc adapt`)")
         return Adaptation(members=[MemberAdaptation(None, None) for _ in ens.members])
@@ -57,7 +57,7 @@ def plain_adaptation(ens, coverage: float = 0.95) -> Adaptation:
 
 def load_for_scoring(path: str | Path):
     """(Ensemble, Adaptation) from an ADAPTED.yaml or a plain ENSEMBLE.yaml."""
-    from wbc.engine.predict import load_ensemble
+    from wbc.ensemble import load_ensemble
 
     if is_adapted(path):
         return load_adapted(path)
@@ -84,38 +84,32 @@ def resolve_zoom(zoom: float | str | None, adaptation: Adaptation, ensemble_path
         raise WbcError(f"--zoom must be a number or 'auto', got {zoom!r}") from None
 
 
-class _Member:
-    def __init__(self, spec: dict, device: torch.device):
-        from wbc.backbones import load_checkpoint
-        from wbc.heads import load_head
+def member_scores(loaded, images: np.ndarray, views: list[str], device, adapt: MemberAdaptation):
+    """loaded: `Member.load()`'s (model, meta, head); images (B, S, S, 3) uint8 -> (probs (B, C),
+    ood (B,) or None)."""
+    from wbc.backbones import logits_from_embeddings
+    from wbc.embed import embed_views
+    from wbc.ensemble import view_probs
 
-        self.model, self.meta = load_checkpoint(spec["checkpoint"], device)
-        self.head = load_head(spec["head"]) if spec.get("head") else None
+    model, meta, head = loaded
+    feats, stage1 = embed_views(model, images, meta["data_config"], views, device)
+    feats = feats.astype(np.float16).astype(np.float32)  # as cached: predict == evaluate
+    if adapt.alignment is not None:
+        feats = adapt.alignment.apply(feats)
+    ood = adapt.maha.score(feats) if adapt.maha is not None else None
+    if adapt.prototypes is not None:
+        from wbc.adapt.protos import TAU, prototype_probs
 
-    def scores(self, images: np.ndarray, views: list[str], device, adapt: MemberAdaptation):
-        """images (B, S, S, 3) uint8 -> (probs (B, C), ood (B,) or None)."""
-        from wbc.backbones import logits_from_embeddings
-        from wbc.engine.extract import embed_views
-        from wbc.ensemble import view_probs
-
-        feats, stage1 = embed_views(self.model, images, self.meta["data_config"], views, device)
-        feats = feats.astype(np.float16).astype(np.float32)  # as cached: predict == evaluate
-        if adapt.alignment is not None:
-            feats = adapt.alignment.apply(feats)
-        ood = adapt.maha.score(feats) if adapt.maha is not None else None
-        if adapt.prototypes is not None:
-            from wbc.adapt.protos import TAU, prototype_probs
-
-            return prototype_probs(feats, adapt.prototypes, TAU), ood
-        if self.head is not None:
-            logits = self.head.logits(feats)
-        elif adapt.alignment is not None:
-            with torch.inference_mode():
-                z = logits_from_embeddings(self.model, torch.from_numpy(feats).to(device))
-            logits = z.float().cpu().numpy()
-        else:
-            logits = stage1
-        return view_probs(logits, adapt.temperature), ood
+        return prototype_probs(feats, adapt.prototypes, TAU), ood
+    if head is not None:
+        logits = head.logits(feats)
+    elif adapt.alignment is not None:
+        with torch.inference_mode():
+            z = logits_from_embeddings(model, torch.from_numpy(feats).to(device))
+        logits = z.float().cpu().numpy()
+    else:
+        logits = stage1
+    return view_probs(logits, adapt.temperature), ood
 
 
 def score_images(ens, adaptation: Adaptation, paths: list[Path], zoom: float, batch_size: int = 32,
@@ -124,7 +118,7 @@ def score_images(ens, adaptation: Adaptation, paths: list[Path], zoom: float, ba
     from wbc.stain import preprocess_like_store
 
     dev = resolve_device(device)
-    members = [_Member(m, dev) for m in ens.members]
+    members = [m.load(dev) for m in ens.members]
     probs: list[list[np.ndarray]] = [[] for _ in members]
     oods: list[list[np.ndarray]] = [[] for _ in members]
     ok = np.zeros(len(paths), bool)
@@ -142,7 +136,7 @@ def score_images(ens, adaptation: Adaptation, paths: list[Path], zoom: float, ba
             if batch:
                 imgs = np.stack(batch)
                 for j, (m, a) in enumerate(zip(members, adaptation.members)):
-                    p, o = m.scores(imgs, ens.views, dev, a)
+                    p, o = member_scores(m, imgs, ens.views, dev, a)
                     probs[j].append(p)
                     oods[j].append(o)
             bar.advance(task, min(batch_size, len(paths) - start))

@@ -13,7 +13,6 @@ The result is a new Stage-1 checkpoint (same format, loadable by `load_checkpoin
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from wbc.config import file_sha256
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,6 @@ def save_adapted(source_ckpt: str | Path, model: nn.Module, out: str | Path, pro
     ckpt["adabn"] = {"source_checkpoint": str(src), "source_sha256": file_sha256(src), **provenance}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
+    with atomic_write(out, "wb") as f:
+        torch.save(ckpt, f)
     return out

@@ -23,7 +23,7 @@ Paths are relative to this file; a changed file is refused (sha256).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from wbc.adapt.align import Alignment
 from wbc.adapt.reference import load_arrays
 from wbc.config import file_sha256
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write
 from wbc.selective import Mahalanobis, ReviewRule
 
 FORMAT = "wbc.adapted/1"
@@ -77,7 +78,7 @@ def _checked(base: Path, rel: str, sha: str, what: str, path: Path) -> Path:
 
 def load_adapted(path: str | Path):
     """-> (Ensemble with the adapted members' checkpoints, Adaptation)."""
-    from wbc.engine.predict import load_ensemble
+    from wbc.ensemble import load_ensemble
 
     path = Path(path)
     doc = yaml.safe_load(path.read_text()) or {}
@@ -90,8 +91,9 @@ def load_adapted(path: str | Path):
         raise WbcError(f"{path}: {len(doc['members'])} members, its ensemble {ens_path} has {len(ens.members)}")
     steps = doc["steps"]
     members = []
-    for m, spec in zip(ens.members, doc["members"]):
-        m["checkpoint"] = _checked(base, spec["checkpoint"], spec["checkpoint_sha256"], "checkpoint", path)
+    for i, spec in enumerate(doc["members"]):
+        ckpt = _checked(base, spec["checkpoint"], spec["checkpoint_sha256"], "checkpoint", path)
+        ens.members[i] = replace(ens.members[i], checkpoint=ckpt, checkpoint_sha256=spec["checkpoint_sha256"])
         a = load_arrays(_checked(base, spec["arrays"], spec["arrays_sha256"], "arrays", path))
         align = Alignment.from_arrays(steps["align"]["method"], a) if steps["align"]["enabled"] else None
         protos = a.get("proto_centres") if (steps.get("prototypes") or {}).get("enabled") else None
@@ -109,7 +111,6 @@ def load_adapted(path: str | Path):
 
 def write_adapted(out: Path, doc: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(out)  # the YAML is written last: no ADAPTED.yaml means the adaptation is not done
+    with atomic_write(out) as f:  # the YAML is written last: no ADAPTED.yaml means the adaptation is not done
+        f.write(yaml.safe_dump(doc, sort_keys=False))
     return out

@@ -163,7 +163,7 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
           cfg: AdaptConfig = AdaptConfig()) -> AdaptResult:
     """Adapt the ensemble at `ensemble_path` to the unlabelled images of `target`; write `out`."""
     from wbc.adapt.steps import adapt_members, fit_priors
-    from wbc.engine.predict import load_ensemble
+    from wbc.ensemble import load_ensemble
 
     ensemble_path, out = Path(ensemble_path), Path(out)
     ens = load_ensemble(ensemble_path)

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from wbc.adapt.align import Moments, moments
+from wbc.ensemble import Member
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write
 from wbc.selective import Mahalanobis, ReviewRule, choose_review, fit_mahalanobis
 
 log = logging.getLogger(__name__)
@@ -34,20 +36,20 @@ class MemberReference:
     val_labels: np.ndarray | None = None
 
 
-def member_reference(member: dict) -> MemberReference:
+def member_reference(member: Member) -> MemberReference:
     """member: an `Ensemble.members` entry with a `cache` (ENSEMBLE.yaml saved with --cache)."""
     from wbc.cache import open_cache
     from wbc.ensemble import view_probs
     from wbc.heads import load_head
 
-    if member.get("cache") is None:
-        raise WbcError(f"ensemble member {member.get('name')} has no feature cache: save the ensemble "
+    if member.cache is None:
+        raise WbcError(f"ensemble member {member.name} has no feature cache: save the ensemble "
                        "with `wbc ensemble save ... --cache CACHE` (the training features are the reference)")
-    cache = open_cache(member["cache"], checkpoint=member["checkpoint"])
+    cache = open_cache(member.cache, checkpoint=member.checkpoint)
     fold = np.asarray(cache.fold)
     val = cache.attrs.get("checkpoint_fold")
     if not isinstance(val, int) or val < 0 or not (fold == val).any():
-        raise WbcError(f"{member['cache']}: no validation fold of the member's checkpoint "
+        raise WbcError(f"{member.cache}: no validation fold of the member's checkpoint "
                        f"(checkpoint_fold {val!r}) among the cache's folds")
     train_rows = np.flatnonzero((fold >= 0) & (fold != val))
     val_rows = np.flatnonzero(fold == val)
@@ -60,8 +62,8 @@ def member_reference(member: dict) -> MemberReference:
     src = moments(tr)
     del tr
     vf = cache.read("features", val_rows).astype(np.float32)
-    if member.get("head") is not None:
-        logits = load_head(member["head"]).logits(vf)
+    if member.head is not None:
+        logits = load_head(member.head).logits(vf)
     else:
         logits = cache.read("stage1_logits", val_rows).astype(np.float32)
     return MemberReference(src, maha, class_means, view_probs(logits), maha.score(vf),
@@ -90,9 +92,8 @@ def review_rule(refs: list[MemberReference], coverage: float) -> tuple[ReviewRul
 def save_arrays(path: Path, **arrays: np.ndarray) -> Path:
     """An npz of plain arrays (read back with allow_pickle=False), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-    tmp.replace(path)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
     return path
 
 

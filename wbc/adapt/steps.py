@@ -11,6 +11,7 @@ import torch
 from wbc.adapt.align import fit_alignment, moments
 from wbc.adapt.reference import member_reference, review_rule, save_arrays
 from wbc.config import file_sha256
+from wbc.ensemble import Member
 from wbc.errors import WbcError
 
 log = logging.getLogger(__name__)
@@ -30,32 +31,32 @@ def _reusable(path: Path, source: Path, prov: dict) -> dict | None:
     return {k: v for k, v in old.items() if k not in ("source_checkpoint", "source_sha256")} if same else None
 
 
-def adabn_member(spec: dict, x: np.ndarray, views: list[str], cfg, dev, out: Path, target_id: str,
+def adabn_member(spec: Member, x: np.ndarray, views: list[str], cfg, dev, out: Path, target_id: str,
                  zoom: float = 1.0):
     """(model, its checkpoint path, bn provenance) for one member; AdaBN when cfg.bn."""
     from wbc.adapt.bn import bn_layers, reestimate, save_adapted, view_batches
     from wbc.backbones import load_checkpoint
 
-    model, meta = load_checkpoint(spec["checkpoint"], dev)
+    model, meta = load_checkpoint(spec.checkpoint, dev)
     if not cfg.bn:
-        return model, meta, spec["checkpoint"], {"enabled": False}
+        return model, meta, spec.checkpoint, {"enabled": False}
     if not bn_layers(model):
         note = f"{meta['timm_name']} has no BatchNorm layer: AdaBN skipped, source weights kept"
-        log.warning("%s: %s", spec["name"], note)
-        return model, meta, spec["checkpoint"], {"enabled": False, "note": note}
+        log.warning("%s: %s", spec.name, note)
+        return model, meta, spec.checkpoint, {"enabled": False, "note": note}
     # Images per forward: each gives K views; ~64 crops per batch keeps BN's batch statistics sound.
     per = max(2, min(cfg.batch_size, 64 // max(len(views), 1) or 2))
     prov = {"target_id": target_id, "n_images": len(x), "views": list(views), "batch_images": per,
             "zoom": zoom}
-    path = out / f"{spec['name']}.adabn.pt"
-    reused = _reusable(path, spec["checkpoint"], prov)
+    path = out / f"{spec.name}.adabn.pt"
+    reused = _reusable(path, spec.checkpoint, prov)
     if reused is not None:  # the same source, target images, zoom and views: identical statistics
-        log.info("%s: AdaBN checkpoint %s reused (same source, target and zoom)", spec["name"], path)
+        log.info("%s: AdaBN checkpoint %s reused (same source, target and zoom)", spec.name, path)
         model, meta = load_checkpoint(path, dev)
         return model, meta, path, {"enabled": True, "layers": len(bn_layers(model)), **reused}
     prov["n_crops"] = reestimate(model, view_batches(x, meta["data_config"], views, per, dev))
-    path = save_adapted(spec["checkpoint"], model, path, prov)
-    log.info("%s: AdaBN on %d images x %d views -> %s", spec["name"], len(x), len(views), path)
+    path = save_adapted(spec.checkpoint, model, path, prov)
+    log.info("%s: AdaBN on %d images x %d views -> %s", spec.name, len(x), len(views), path)
     return model, meta, path, {"enabled": True, "layers": len(bn_layers(model)), **prov}
 
 
@@ -65,7 +66,7 @@ def embed_all(model, meta, x: np.ndarray, views, dev, batch_size: int, keep: Pat
 
     keep: an npz where they are kept under `key` (checkpoint sha, target id, zoom, views), so a
     rerun with other alignment / priors / prototype settings costs no backbone pass."""
-    from wbc.engine.extract import embed_views
+    from wbc.embed import embed_views
 
     if keep is not None and keep.is_file():
         with np.load(keep, allow_pickle=False) as z:
@@ -83,8 +84,8 @@ def member_logits(spec, model, feats: np.ndarray, dev) -> np.ndarray:
     from wbc.backbones import logits_from_embeddings
     from wbc.heads import load_head
 
-    if spec.get("head"):
-        return load_head(spec["head"]).logits(feats)
+    if spec.head:
+        return load_head(spec.head).logits(feats)
     with torch.inference_mode():
         return logits_from_embeddings(model, torch.from_numpy(feats).to(dev)).float().cpu().numpy()
 
@@ -102,9 +103,9 @@ def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: fl
         refs.append(ref)
         model, meta, ckpt, bn_doc = adabn_member(spec, x, ens.views, cfg, dev, files, target_id, zoom)
         key = f"{file_sha256(ckpt)}:{target_id}:{zoom}:{','.join(ens.views)}:{len(x)}"
-        feats = embed_all(model, meta, x, ens.views, dev, cfg.batch_size, files / f"{spec['name']}.target.npz", key)
+        feats = embed_all(model, meta, x, ens.views, dev, cfg.batch_size, files / f"{spec.name}.target.npz", key)
         if not np.isfinite(feats).all():
-            raise WbcError(f"{spec['name']}: non-finite embeddings on the target images")
+            raise WbcError(f"{spec.name}: non-finite embeddings on the target images")
         arrays = {"src_mean": ref.source.mean, "src_std": ref.source.std,
                   "src_cov": ref.source.cov.astype(np.float32),
                   "maha_whiten": ref.maha.whiten, "maha_centres": ref.maha.centres}
@@ -119,8 +120,8 @@ def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: fl
         probs.append(view_probs(member_logits(spec, model, feats, dev), temp))
         oods.append(ref.maha.score(feats))
         arrays["class_means"] = ref.class_means
-        path = save_arrays(files / f"{spec['name']}.npz", **arrays)
-        docs.append({"name": spec["name"], "checkpoint": Path(ckpt), "checkpoint_sha256": file_sha256(ckpt),
+        path = save_arrays(files / f"{spec.name}.npz", **arrays)
+        docs.append({"name": spec.name, "checkpoint": Path(ckpt), "checkpoint_sha256": file_sha256(ckpt),
                      "arrays": path, "arrays_sha256": file_sha256(path), "bn_doc": bn_doc,
                      "temperature": float(temp),
                      "_feats": feats.mean(axis=1)})

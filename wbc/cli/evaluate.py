@@ -25,7 +25,7 @@ ModelOpt = Annotated[
 
 
 def parse_model(text: str, folds: list[int]):
-    from wbc.engine.evaluate import ModelSpec
+    from wbc.engine.evaluate.table1 import ModelSpec
 
     parts = text.split(":")
     if len(parts) not in (2, 3) or not all(parts):
@@ -71,14 +71,15 @@ def evaluate(
             raise WbcError("--model scores cached features, --external an --ensemble's images: give one or the other")
         _external(ensemble, external, label_map, out, batch_size, device, title, zoom)
         return
-    from wbc.engine.evaluate import evaluate_table
-    from wbc.report import class_counts_line, rich_table, write_report
+    from wbc.engine.evaluate.table1 import evaluate_table
+    from wbc.report.rows import rich_table
+    from wbc.report.table1 import class_counts_line, write_report
     from wbc.report_html import render_report, report_sources
 
     title = title or "Held-out test"
     if model is None:
         model = []
-    from wbc.splits import parse_fold_list
+    from wbc.folds import parse_fold_list
 
     fold_list = parse_fold_list(folds, "--folds")
     models = [parse_model(m, fold_list) for m in model]
@@ -96,7 +97,8 @@ def evaluate(
 
 
 def _external(ensemble, external, label_map, out, batch_size, device, title, zoom) -> None:
-    from wbc.engine.external import evaluate_external, rich_rows
+    from wbc.engine.evaluate.external import evaluate_external
+    from wbc.report.external import rich_rows
 
     if ensemble is None or external is None:
         raise WbcError("external evaluation needs both --ensemble ENSEMBLE.yaml and --external MANIFEST")
@@ -125,7 +127,7 @@ def ensemble_save(
         "(optional; `wbc robustness` needs it).")] = None,
 ) -> None:
     """Write ENSEMBLE.yaml (checkpoints, heads, stain template, class names, views) for `wbc predict`."""
-    from wbc.engine.predict import save_ensemble
+    from wbc.ensemble import save_ensemble
     from wbc.fsutil import check_writable
 
     check_writable(out, "ensemble file")
@@ -145,7 +147,7 @@ def predict(
 ) -> None:
     """Classify new cells with the full path: stain template, resize/crop, K views, members, averaging."""
     from wbc.cli.report import predictions_html
-    from wbc.engine.predict import predict as run_predict
+    from wbc.engine.evaluate.predict import predict as run_predict
 
     result = run_predict(images, ensemble, out, batch_size=batch_size, device=device, zoom=zoom)
     console.print(f"{result.n_ok} images classified -> {result.out}")

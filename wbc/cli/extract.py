@@ -1,4 +1,4 @@
-"""`wbc extract` and `wbc cache info`: thin wrappers over wbc.engine.extract and wbc.cache."""
+"""`wbc extract` and `wbc cache info`: thin wrappers over wbc.engine.extract.run and wbc.cache."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from rich.table import Table
 
 from wbc.cli.app import app, cache_app
 from wbc.cli.options import Device, Out, Overwrite
+from wbc.engine.extract.config import ExtractConfig
 from wbc.log import console
+
+_E = ExtractConfig()  # defaults come from the config, so the CLI never disagrees with the library
 
 
 @app.command("extract")
@@ -21,21 +24,19 @@ def extract_cmd(
     source: Annotated[Path, typer.Argument(help="Stage-1 best.pt, its fold directory, or a run with one fold.")],
     store: Annotated[Path, typer.Option("--store", help="HDF5 image store; every row is embedded.")],
     out: Out,
-    views: Annotated[str, typer.Option(help="View set (d4, rotations, flips, identity) or comma-separated views.")] = "d4",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass, each x K views (0 = 32 GPU / 8 CPU).")] = 0,
-    workers: Annotated[int, typer.Option(help="Loader worker processes (-1 = auto: 0 on CPU, 8 on GPU).")] = -1,
-    device: Device = "auto",
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
-    chunk_rows: Annotated[int, typer.Option(help="Rows per cache chunk (0 = ~4 MiB of features).")] = 0,
-    overwrite: Overwrite = False,
-    other_store: Annotated[bool, typer.Option("--other-store", help="Allow a store the checkpoint was not trained on (external test set).")] = False,
+    views: Annotated[str, typer.Option(help="View set (d4, rotations, flips, identity) or comma-separated views.")] = _E.views,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass, each x K views (0 = 32 GPU / 8 CPU).")] = _E.batch_size,
+    workers: Annotated[int, typer.Option(help="Loader worker processes (-1 = auto: 0 on CPU, 8 on GPU).")] = _E.workers,
+    device: Device = _E.device,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = _E.amp,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per cache chunk (0 = ~4 MiB of features).")] = _E.chunk_rows,
+    overwrite: Overwrite = _E.overwrite,
+    other_store: Annotated[bool, typer.Option("--other-store", help="Allow a store the checkpoint was not trained on (external test set).")] = _E.other_store,
 ) -> None:
     """Embed every image of a store with a frozen Stage-1 backbone under K test-time views (Zarr cache)."""
-    from wbc.engine.extract_config import ExtractConfig
-
     cfg = ExtractConfig(views=views, batch_size=batch_size, workers=workers, device=device, amp=amp,
                         chunk_rows=chunk_rows, overwrite=overwrite, other_store=other_store)
-    from wbc.engine.extract import extract  # torch: after the options are checked
+    from wbc.engine.extract.run import extract  # torch: after the options are checked
 
     s = extract(source, store, out, cfg)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,5 +1,5 @@
-"""`wbc crt` and `wbc ablate`: Stage-2 heads on a feature cache (thin wrappers over wbc.engine.crt /
-wbc.engine.ablate, which run `wbc.stage2.fit` per fold)."""
+"""`wbc crt` and `wbc ablate`: Stage-2 heads on a feature cache (thin wrappers over wbc.engine.stage2.crt /
+wbc.engine.stage2.ablate, which run `wbc.stage2.fit` per fold)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def crt(
     overwrite: Overwrite = False,
 ) -> None:
     """Stage 2 (cRT): a fresh linear head per validation fold on cached embeddings (no images, no backbone)."""
-    from wbc.engine.crt import crt as run_crt
+    from wbc.engine.stage2.crt import crt as run_crt
     from wbc.metrics import mean_std
 
     cfg = _config(LossSpec(loss, beta, gamma, lam), sampler, epochs, lr, weight_decay, batch_size, patience, seed,
@@ -129,9 +129,9 @@ def ablate(
     overwrite: Overwrite = False,
 ) -> None:
     """Loss ablation: every (loss, beta, gamma, lam) configuration trained in one batched pass per fold."""
-    from wbc.engine.ablate import ablate as run_ablate
-    from wbc.engine.ablate import fmt, grid_specs, parse_floats
-    from wbc.metrics import HEADLINE
+    from wbc.engine.stage2.ablate import ablate as run_ablate
+    from wbc.engine.stage2.ablate import grid_specs, parse_floats
+    from wbc.report.ablate import rich_table
 
     specs = grid_specs([x.strip() for x in loss.split(",") if x.strip()], parse_floats(beta, "beta"),
                        parse_floats(gamma, "gamma"), parse_floats(lam, "lam"))
@@ -139,12 +139,5 @@ def ablate(
                   memory_gb, stream, threads)
     with _claim(out):
         rows = run_ablate(cache, out, specs, fold, cfg, save_heads, overwrite)
-    folds = len(rows[0].per_fold)
-    table = Table(title=f"Loss ablation: {len(rows)} configurations, mean ± std over {folds} fold(s) (%)")
-    for col in ("configuration", "MF1", "BAcc", "MP", "MSpec"):
-        table.add_column(col, justify="left" if col == "configuration" else "right")
-    for r in rows:
-        style = "bold green" if r.best else None
-        table.add_row(("* " if r.best else "") + r.label, *(fmt(r.mean_std[m]) for m in HEADLINE), style=style)
-    console.print(table)
+    console.print(rich_table(rows))
     console.print(f"tables: {Path(out) / 'ablate.md'}  {Path(out) / 'ablate.csv'}")

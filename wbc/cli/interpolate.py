@@ -1,4 +1,4 @@
-"""`wbc interpolate`: WiSE-FT weight-space ensembles of a Stage-1 checkpoint (wbc.interpolate)."""
+"""`wbc interpolate`: WiSE-FT weight-space ensembles of a Stage-1 checkpoint (wbc.engine.stage1.interpolate)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def interpolate_cmd(
     overwrite: Overwrite = False,
 ) -> None:
     """Interpolate a fine-tuned backbone's weights with its pretrained ones (WiSE-FT): keeps what ImageNet knew."""
-    from wbc.interpolate import interpolate
+    from wbc.engine.stage1.interpolate import interpolate
 
     for path in interpolate(checkpoint, alpha, out, pretrained=pretrained, overwrite=overwrite,
                             recalibrate_bn=recalibrate_bn, store=store):

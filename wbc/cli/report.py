@@ -20,7 +20,7 @@ SaliencyOpt = Annotated[bool, typer.Option(
 
 def predictions_html(source: Path, csv_path: Path, out: Path | None = None) -> Path:
     """P.html beside P.csv, with true classes where the source CSV has a label column."""
-    from wbc.engine.predict import list_images
+    from wbc.engine.evaluate.predict import list_images
     from wbc.predict_report import render_predictions
 
     paths, labels = list_images(source)

@@ -1,4 +1,4 @@
-"""`wbc robustness`: a thin wrapper over wbc.engine.robustness.robustness."""
+"""`wbc robustness`: a thin wrapper over wbc.engine.evaluate.robustness.robustness."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from rich.table import Table
 
 from wbc.cli.app import app
 from wbc.cli.options import Degradations, Device, Out, Workers
+from wbc.engine.evaluate.config import RobustnessConfig
 from wbc.errors import WbcError
 from wbc.log import console
+
+_R = RobustnessConfig()  # defaults come from the config, so the CLI never disagrees with the library
 
 
 def parse_severities(text: str) -> tuple[int, ...]:
@@ -29,24 +32,23 @@ def robustness(
                                            "(`wbc ensemble save --cache`), or pass --cache.")],
     out: Out = Path("reports/robustness"),
     degradation: Degradations = None,
-    severities: Annotated[str, typer.Option(help="Comma-separated severities 1..4 (0, clean, is always scored).")] = "1,2,3,4",
-    max_images: Annotated[int, typer.Option(help="Stratified, seeded subset of the test rows (0 = all).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the --max-images subset.")] = 0,
+    severities: Annotated[str, typer.Option(help="Comma-separated severities 1..4 (0, clean, is always scored).")] = ",".join(map(str, _R.severities)),
+    max_images: Annotated[int, typer.Option(help="Stratified, seeded subset of the test rows (0 = all).")] = _R.max_images,
+    seed: Annotated[int, typer.Option(help="Seed of the --max-images subset.")] = _R.seed,
     views: Annotated[str, typer.Option(help="Views of the degraded extraction: a set or comma-separated "
-                                       "names among the cache's (default: the cache's views).")] = "",
+                                       "names among the cache's (default: the cache's views).")] = _R.views,
     cache: Annotated[list[Path] | None, typer.Option(
         "--cache", help="Feature cache per ensemble member, in member order (overrides the ensemble's).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass (0 = 32 GPU / 8 CPU).")] = 0,
-    workers: Workers = 2,
-    device: Device = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (0 = 32 GPU / 8 CPU).")] = _R.batch_size,
+    workers: Workers = _R.workers,
+    device: Device = _R.device,
 ) -> None:
     """MF1/BAcc of each ensemble row per degradation x severity on the held-out test images.
 
     Degraded features are extracted once into each member's cache (groups degraded.NAME.SEVERITY)
     and read back on reruns; writes robustness.md/.json/.csv and a PNG of MF1 against severity.
     """
-    from wbc.engine.robustness import RobustnessConfig
-    from wbc.engine.robustness import robustness as run
+    from wbc.engine.evaluate.robustness import robustness as run
 
     cfg = RobustnessConfig(degradations=tuple(degradation or ()), severities=parse_severities(severities),
                            max_images=max_images, seed=seed, views=views, batch_size=batch_size,

@@ -1,4 +1,4 @@
-"""`wbc train`: Stage-1 end-to-end fine-tuning (wbc.engine.train_backbone.train)."""
+"""`wbc train`: Stage-1 end-to-end fine-tuning (wbc.engine.stage1.train.train)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from rich.table import Table
 
 from wbc.cli.app import app
 from wbc.cli.options import Device, Fold, Overwrite, Seed, Workers
-from wbc.engine.train_config import TrainConfig
+from wbc.engine.stage1.config import Stage1Config
 
-_D = TrainConfig()  # defaults come from the config, so the CLI never disagrees with the library
+_D = Stage1Config()  # defaults come from the config, so the CLI never disagrees with the library
 
 
 @app.command()
 def train(
     store: Annotated[Path, typer.Argument(help="HDF5 image store (from `wbc prepare` + `wbc split`).")],
-    backbone: Annotated[str, typer.Option(help="r50, r152, swin, lite0/1/2 or any timm model name.")] = "r50",
-    fold: Fold = "0",
+    backbone: Annotated[str, typer.Option(help="r50, r152, swin, lite0/1/2 or any timm model name.")] = _D.backbone,
+    fold: Fold = str(_D.fold),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run dir (default runs/BACKBONE); "
                                              "each fold writes OUT/fold{K}/.")] = None,
     pretrained: Annotated[str, typer.Option(help="hub (timm download), none, package "
@@ -48,13 +48,13 @@ def train(
 
     Multi-GPU / multi-node: `torchrun --nproc_per_node N -m wbc train ...` (gloo on CPU).
     """
-    cfg = TrainConfig(
+    cfg = Stage1Config(
         backbone=backbone, pretrained=pretrained, epochs=epochs, batch_size=batch_size,
         accum_steps=accum_steps, lr=lr, weight_decay=weight_decay, patience=patience,
         augment=augment, recipe=recipe, crop=crop, resize=resize, amp=amp, channels_last=channels_last,
         device=device, workers=workers, preload=preload, seed=seed,
     )
-    from wbc.engine.train_backbone import train as run_train  # torch: after the options are checked
+    from wbc.engine.stage1.train import train as run_train  # torch: after the options are checked
 
     runs = run_train(store, out or Path("runs") / backbone, cfg, fold=fold, resume=resume,
                      overwrite=overwrite)

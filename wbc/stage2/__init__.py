@@ -8,7 +8,7 @@
 trains heads with the fused grid trainer (trainer.py: G heads as one matmul, closed-form loss
 gradients from batched_loss.py, per-head early stopping) and picks post-hoc choices on
 validation (validate.py); it returns `wbc.heads.Head`s and writes nothing. `wbc crt` and
-`wbc ablate` (wbc.engine.crt / wbc.engine.ablate) add the fold loop, resume and the files.
+`wbc ablate` (wbc.engine.stage2.crt / wbc.engine.stage2.ablate) add the fold loop, resume and the files.
 """
 
 from wbc.stage2.config import HeadConfig

@@ -13,23 +13,21 @@ softmax). One labelled set, so every metric is a single value (no folds).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.table import Table
 
-from wbc.engine.evaluate import RowResult
+from wbc.ensemble import Member
 from wbc.errors import WbcError
 from wbc.labelmap import LabelMap
 from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
+from wbc.report.external import write_external_report, write_predictions
+from wbc.report.rows import RowResult
 
 log = logging.getLogger(__name__)
-KEYS = (*HEADLINE, "ece")
-LABELS = {"mf1": "MF1", "bacc": "BAcc", "mp": "MP", "mspec": "MSpec", "ece": "ECE"}
 
 
 @dataclass
@@ -51,7 +49,7 @@ def read_labelled(source: str | Path) -> tuple[list[Path], list[str]]:
     source: a CSV with `image` (relative to the CSV) and `label` columns, or a folder of class
     sub-folders (label = the first folder under it).
     """
-    from wbc.engine.predict import list_images
+    from wbc.engine.evaluate.predict import list_images
 
     source = Path(source)
     paths, labels = list_images(source)
@@ -65,12 +63,12 @@ def read_labelled(source: str | Path) -> tuple[list[Path], list[str]]:
     return paths, [str(y) for y in labels]
 
 
-def row_names(members: list[dict]) -> list[str]:
+def row_names(members: list[Member]) -> list[str]:
     """Member names made unique (the same checkpoint may appear with two heads)."""
     seen: Counter = Counter()
     names = []
     for m in members:
-        base = str(m.get("name") or Path(m["checkpoint"]).stem)
+        base = m.name or Path(m.checkpoint).stem
         seen[base] += 1
         names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
     return names
@@ -115,7 +113,7 @@ def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | 
                        f"({lm.scored_labels}); check --label-map")
     names = row_names(ens.members)
     # A member listed twice (same checkpoint and head) scores identically: one row for it.
-    same = [(m["checkpoint_sha256"], str(m.get("head"))) for m in ens.members]
+    same = [(m.checkpoint_sha256, str(m.head)) for m in ens.members]
     uniq = [i for i in range(len(names)) if same.index(same[i]) == i]
     rows = [score_row(names[i], "member", (names[i],), probs[i], y, lm) for i in uniq] if len(uniq) > 1 else []
     ens_name = f"Ensemble ({len(names)} members)" if len(uniq) > 1 else names[0]
@@ -132,7 +130,7 @@ def evaluate_external(ensemble_path: str | Path, source: str | Path, out: str | 
         "scored": f"external set {source} ({len(paths)} images) through the full predict path of {ensemble_path}",
         "selective": _selective(scored, y, lm), "adapted": bool(adaptation.doc.get("format")),
     })
-    paths_out["predictions"] = _write_predictions(
+    paths_out["predictions"] = write_predictions(
         out / "predictions.csv", [p for p, good in zip(paths, ok) if good], y, ensemble, lm, scored)
     if failed:
         paths_out["failed"] = out / "failed.csv"
@@ -150,95 +148,3 @@ def _selective(scored, y: list[str], lm: LabelMap) -> dict:
     review = None if scored.review is None else scored.review[s.kept]
     return selective_report(s.y_true, s.y_pred, scored.confidence[s.kept], review, len(s.labels),
                             scored.adaptation.doc.get("review") if scored.adaptation else None)
-
-
-def _write_predictions(path: Path, paths: list[Path], labels: list[str], probs: np.ndarray,
-                       lm: LabelMap, scored=None) -> Path:
-    """Per image: its label, the predicted set label, the model's own class, coverage,
-    confidence, ood_score, review, probs."""
-    mass = probs @ lm.matrix()
-    n = len(paths)
-    ood = scored.ood if scored is not None and scored.ood is not None else [None] * n
-    review = scored.review if scored is not None and scored.review is not None else [None] * n
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "label", "predicted", "model_class", "coverage", "confidence", "ood_score",
-                    "review", *[f"prob_{c}" for c in lm.model_classes]])
-        for p, y, q, m, o, r in zip(paths, labels, probs, mass, ood, review):
-            w.writerow([str(p), y, lm.scored_labels[int(m.argmax())], lm.model_classes[int(q.argmax())],
-                        f"{m.sum():.4f}", f"{q.max():.4f}", "" if o is None else f"{o:.3f}",
-                        "" if r is None else bool(r), *[f"{v:.4f}" for v in q]])
-    return path
-
-
-def _ranked(rows: list[RowResult]) -> list[list[tuple[str, int]]]:
-    from wbc.report import ranks
-
-    cols = []
-    for k in KEYS:
-        vals = [r.folds[0][k] for r in rows]
-        rk = ranks(vals, lower_better=k == "ece")
-        cols.append([(f"{100 * v:.1f}", rk[i]) for i, v in enumerate(vals)])
-    return [list(c) for c in zip(*cols)]
-
-
-def markdown_rows(rows: list[RowResult]) -> str:
-    """Single-set table: values in percent, best **bold**, second <u>underlined</u>."""
-    lines = ["| Model | " + " | ".join(LABELS[k] for k in KEYS) + " | coverage | n |",
-             "|---|" + "---:|" * (len(KEYS) + 2)]
-    for r, cells in zip(rows, _ranked(rows)):
-        fmt = [f"**{t}**" if rk == 0 else f"<u>{t}</u>" if rk == 1 else t for t, rk in cells]
-        f = r.folds[0]
-        lines.append(f"| {r.name} | " + " | ".join(fmt) + f" | {100 * f['coverage']:.1f} | {f['n']} |")
-    return "\n".join(lines)
-
-
-def rich_rows(rows: list[RowResult], title: str) -> Table:
-    t = Table(title=title)
-    t.add_column("Model")
-    for k in KEYS:
-        t.add_column(LABELS[k], justify="right")
-    t.add_column("n", justify="right")
-    for r, cells in zip(rows, _ranked(rows)):
-        fmt = [f"[bold]{s}[/]" if rk == 0 else f"[underline]{s}[/]" if rk == 1 else s for s, rk in cells]
-        t.add_row(r.name, *fmt, str(r.folds[0]["n"]))
-    return t
-
-
-def write_external_report(rows: list[RowResult], lm: LabelMap, out: Path, title: str,
-                          extra: dict) -> dict[str, Path]:
-    """report.md, report.json and confusion.png (the ensemble row) under out."""
-    from wbc.report import confusion_png, per_class_table, to_json
-
-    out.mkdir(parents=True, exist_ok=True)
-    labels = lm.scored_labels
-    md = [f"# {title}", "", (f"{extra['n_scored']} of {extra['n_images']} images scored over the set's "
-          f"labels {', '.join(labels)}."), "", markdown_rows(rows), "",
-          ("Values are percent; best **bold**, second <u>underlined</u>; ECE: lower is better. "
-          "Coverage: mean probability the model put on classes that map to a set label."), "",
-          "## Label map", "", "| model class | set label |", "|---|---|"]
-    md += [f"| {c} | {lm.mapping.get(c, '(no counterpart: probability dropped)')} |" for c in lm.model_classes]
-    md += ["", f"Model classes with no counterpart in the set: {', '.join(lm.unmapped_model) or 'none'}",
-           "", f"Set labels the model cannot produce (not scored): {', '.join(lm.unscorable) or 'none'}"]
-    if extra["dropped"]:
-        md += ["", "Images left out of the metrics (label not producible): "
-               + ", ".join(f"{k} x{v}" for k, v in extra["dropped"].items())]
-    if extra["failed"]:
-        md += ["", f"Unreadable images (not scored, listed in failed.csv): {len(extra['failed'])}"]
-    absent = sorted({labels[i] for r in rows for i in r.folds[0]["absent"]})
-    if absent:
-        md += ["", f"Labels with no scored image (not averaged): {', '.join(absent)}"]
-    from wbc.selective import selective_markdown
-
-    md += selective_markdown(extra.get("selective"))
-    md += ["", "## Per-class F1", "", per_class_table(rows, labels), "",
-           f"Confusion matrix of {rows[-1].name}: confusion.png", ""]
-    paths = {"md": out / "report.md", "json": out / "report.json", "png": out / "confusion.png"}
-    paths["md"].write_text("\n".join(md))
-    doc = to_json(rows, labels, {**extra, "label_map": lm.to_dict(), "unmapped_model": lm.unmapped_model,
-                                 "unscorable": lm.unscorable})
-    paths["json"].write_text(json.dumps(doc, indent=1, default=float))
-    f = rows[-1].folds[0]
-    confusion_png(rows[-1].confusion, labels, title, paths["png"],
-                  f"{rows[-1].name}: n = {f['n']} cells, Macro-F1 {100 * f['mf1']:.1f}")
-    return paths

@@ -12,18 +12,17 @@ import torch
 
 from wbc.backbones import CHECKPOINT_FORMAT, load_file
 from wbc.errors import WbcError
+from wbc.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to `path.tmp`, then rename: a full disk or a crash never damages `path`."""
-    tmp = path.with_name(path.name + ".tmp")
+    """torch.save through `wbc.fsutil.atomic_write`: a full disk or a crash never damages `path`."""
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as f:
+            torch.save(obj, f)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise WbcError(
             f"could not write {path} ({e.strerror or e}); the previous {path.name} is intact: "
             "free disk space and rerun with --resume"

@@ -24,11 +24,11 @@ from wbc.backbones import alias_of, create_backbone, crop_resize, data_config, r
 from wbc.config import save_config, to_dict
 from wbc.data import StoreDataset, train_transform
 from wbc.device import amp_dtype
-from wbc.engine import checkpointing as ckp
 from wbc.engine import distributed as dist
-from wbc.engine.loops import NonFiniteLoss, StepSetup, predict, train_epoch
-from wbc.engine.lp_ft import check_recipe, linear_probe, save_frozen
-from wbc.engine.train_config import TrainConfig
+from wbc.engine.stage1 import checkpointing as ckp
+from wbc.engine.stage1.config import Stage1Config
+from wbc.engine.stage1.loops import NonFiniteLoss, StepSetup, predict_loader, train_epoch
+from wbc.engine.stage1.lp_ft import check_recipe, linear_probe, save_frozen
 from wbc.errors import WbcError
 from wbc.folds import resolve_folds
 from wbc.fsutil import check_writable, output_lock
@@ -43,7 +43,7 @@ EpochHook = Callable[[int, torch.nn.Module], None]
 
 
 def train(
-    store_path: str | Path, out: str | Path, cfg: TrainConfig, fold: int | str | Sequence[int] = 0,
+    store_path: str | Path, out: str | Path, cfg: Stage1Config, fold: int | str | Sequence[int] = 0,
     resume: bool = False, overwrite: bool = False, on_epoch_end: EpochHook | None = None,
 ) -> list[Path]:
     """Train each requested fold in turn (`fold`: an index, a list, or "all"); returns fold dirs."""
@@ -61,10 +61,10 @@ def train(
             for k in folds
         ]
     finally:
-        dist.teardown(env)
+        env.close()
 
 
-def _locked_fold(store: ImageStore, run: Path, cfg: TrainConfig, env: dist.DistEnv, **kw) -> Path:
+def _locked_fold(store: ImageStore, run: Path, cfg: Stage1Config, env: dist.DistEnv, **kw) -> Path:
     """train_fold while rank 0 holds the run dir's lock (RUN.lock): a second job training the
     same fold is refused, on every rank, before it touches the run dir (--overwrite included)."""
     with contextlib.ExitStack() as held:
@@ -74,7 +74,7 @@ def _locked_fold(store: ImageStore, run: Path, cfg: TrainConfig, env: dist.DistE
                 held.enter_context(output_lock(run))
             except WbcError as e:
                 err = e
-        if dist.any_true(env, err is not None):
+        if env.any(err is not None):
             raise err or WbcError(f"{run} is being written by another job (see rank 0)")
         return train_fold(store, run, cfg, env, **kw)
 
@@ -103,14 +103,14 @@ def _prepare_dir(run: Path, resume: bool, overwrite: bool, env: dist.DistEnv) ->
         if resume:
             raise WbcError(f"{run} has outputs but no last.pt to resume from; use --overwrite")
         raise WbcError(f"{run} already has a run; pass --resume to continue it or --overwrite to start again")
-    dist.barrier(env)  # every rank has looked before rank 0 deletes
+    env.barrier()  # every rank has looked before rank 0 deletes
     if env.is_main:
         for p in existing:
             p.unlink()
     return None
 
 
-def _micro_batch(cfg: TrainConfig, world: int) -> int:
+def _micro_batch(cfg: Stage1Config, world: int) -> int:
     per = cfg.batch_size // (cfg.accum_steps * world)
     if per < 1 or per * cfg.accum_steps * world != cfg.batch_size:
         raise WbcError(
@@ -121,7 +121,7 @@ def _micro_batch(cfg: TrainConfig, world: int) -> int:
 
 
 def train_fold(
-    store: ImageStore, run: Path, cfg: TrainConfig, env: dist.DistEnv,
+    store: ImageStore, run: Path, cfg: Stage1Config, env: dist.DistEnv,
     resume: bool = False, overwrite: bool = False, on_epoch_end: EpochHook | None = None,
 ) -> Path:
     ckpt = _prepare_dir(run, resume, overwrite, env)
@@ -173,7 +173,7 @@ def train_fold(
             "config": to_dict(cfg), "data_config": dcfg}
     if env.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
+        save_config({**to_dict(cfg), "ran": _ran(dev, amp, cl, micro, env)}, run / "config.yaml")
         ckp.truncate_metrics(run / "metrics.jsonl", start)
     setup = StepSetup(dev, dcfg["mean"], dcfg["std"], amp, cl, cfg.accum_steps)
     if cfg.recipe == "frozen-pretrained":  # no fine-tuning: the pretrained backbone, probed head
@@ -201,7 +201,7 @@ def train_fold(
                 raise WbcError(f"{e}; stopped ({kept}); try a lower --lr or --no-amp") from None
         sched.step()
         row = _validate(model, val_ds, micro, cfg, setup, env, n_cls)
-        loss, seen = dist.sum_floats(env, loss * seen, float(seen))
+        loss, seen = env.sum_floats(loss * seen, float(seen))
         loss /= max(seen, 1)
         improved = row["val_mf1"] > stop["best_mf1"]
         if improved:
@@ -225,7 +225,7 @@ def train_fold(
         log.info("fold %d epoch %d/%d: loss %.4f, val MF1 %.4f (best %.4f @ %d), %.1f img/s",
                  cfg.fold, epoch + 1, cfg.epochs, loss, row["val_mf1"], stop["best_mf1"],
                  stop["best_epoch"], row["images_per_s"])
-        dist.barrier(env)
+        env.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
         if done:
@@ -235,7 +235,17 @@ def train_fold(
     return run
 
 
-def _oom_error(cfg: TrainConfig, micro: int, run: Path) -> WbcError:
+def _ran(dev: torch.device, amp: torch.dtype | None, channels_last: bool, micro: int, env: dist.DistEnv) -> dict:
+    """What ran, beside what was asked (`amp: true` asks; only CUDA runs it)."""
+    from wbc import __version__
+
+    return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "amp": amp is not None, "dtype": str(amp or torch.float32).replace("torch.", ""),
+            "grad_scaler": amp == torch.float16, "channels_last": channels_last, "processes": env.world,
+            "micro_batch": micro, "torch": torch.__version__.split("+")[0], "wbc": __version__}
+
+
+def _oom_error(cfg: Stage1Config, micro: int, run: Path) -> WbcError:
     return WbcError(
         f"out of GPU memory with {micro} images of {cfg.crop}px per step; lower --batch-size or "
         f"raise --accum-steps (e.g. --accum-steps {cfg.accum_steps * 2}) to keep the effective batch; "
@@ -257,7 +267,7 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)  # wbc.degrade's RandomDegradation draws from `random` (workers=0 path)
 
 
-def _loader(ds, micro: int, cfg: TrainConfig, dev: torch.device, sampler, epoch: int, rank: int) -> DataLoader:
+def _loader(ds, micro: int, cfg: Stage1Config, dev: torch.device, sampler, epoch: int, rank: int) -> DataLoader:
     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch * 7919 + rank) % 2**31)
     return DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=cfg.workers,
                       generator=g, pin_memory=dev.type == "cuda", drop_last=False)
@@ -266,9 +276,9 @@ def _loader(ds, micro: int, cfg: TrainConfig, dev: torch.device, sampler, epoch:
 def _validate(model, val_ds, micro, cfg, setup, env, n_cls) -> dict:
     loader = DataLoader(val_ds, batch_size=micro, shuffle=False, num_workers=cfg.workers,
                         pin_memory=setup.device.type == "cuda")
-    preds, labels, loss = predict(model, loader, setup)
-    preds, labels = dist.gather_arrays(env, preds, labels)
-    (loss,) = dist.sum_floats(env, loss)
+    preds, labels, loss = predict_loader(model, loader, setup)
+    preds, labels = env.gather_arrays(preds, labels)
+    (loss,) = env.sum_floats(loss)
     m = classification_metrics(labels, preds, n_cls)
     return {"val_loss": loss / max(len(labels), 1), "val_mf1": float(m["mf1"]), "val_bacc": float(m["bacc"]),
             "val_mp": float(m["mp"]), "val_mspec": float(m["mspec"])}

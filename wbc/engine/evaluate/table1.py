@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from wbc.ensemble import (
 from wbc.errors import WbcError
 from wbc.folds import TEST
 from wbc.metrics import HEADLINE, classification_metrics, expected_calibration_error
+from wbc.report.rows import RowResult
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +42,6 @@ class ModelSpec:
 
     def member(self, k: int, decoupled: bool) -> Member:
         return Member(self.caches[k], self.heads[k] if decoupled else None)
-
-
-@dataclass
-class RowResult:
-    name: str
-    kind: str
-    members: tuple[str, ...]
-    folds: list[dict] = field(default_factory=list)  # per-fold metrics (+ ece, temperature)
-    confusion: np.ndarray | None = None  # summed over folds
-    probs: list[np.ndarray] = field(default_factory=list)  # per fold (N, C): what the report draws
-    labels: np.ndarray | None = None  # (N,) true class, -1 = unlabelled
-    index: np.ndarray | None = None  # (N,) image-store row
-
-    def stat(self, key: str) -> tuple[float, float]:
-        v = np.array([f[key] for f in self.folds], np.float64)
-        return float(v.mean()), float(v.std())
 
 
 def table_rows(models: list[ModelSpec], ensembles: bool = True) -> list[tuple[str, str, tuple[str, ...], bool]]:

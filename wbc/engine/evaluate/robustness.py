@@ -14,9 +14,8 @@ unmixes with the store's template stain matrix (the reference matrix for a --no-
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,25 +24,14 @@ import numpy as np
 
 from wbc.cache import group_path, open_cache, open_group, read_attrs
 from wbc.degrade import DEGRADATIONS, MAX_SEVERITY, degrade_batch, describe, names
+from wbc.engine.evaluate.config import RobustnessConfig
 from wbc.ensemble import Member, member_output, view_probs
 from wbc.errors import WbcError
 from wbc.folds import TEST
 from wbc.metrics import classification_metrics
+from wbc.report.robustness import summarise, write_robustness_report
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RobustnessConfig:
-    degradations: tuple[str, ...] = ()  # () = every registered degradation except `none`
-    severities: tuple[int, ...] = (1, 2, 3, 4)  # 0 (clean) is always scored, from the main cache
-    max_images: int = 0  # 0 = every held-out test row; else a stratified subset (CPU budgets)
-    seed: int = 0  # draws that subset
-    views: str = ""  # views of the degraded extraction; "" = the cache's own views
-    batch_size: int = 0  # extraction: images per forward pass (0 = 32 GPU / 8 CPU)
-    workers: int = 2  # extraction: loader processes (they also run the degradations)
-    device: str = "auto"
-    amp: bool = True
 
 
 @dataclass
@@ -135,34 +123,25 @@ def group_state(cache: Path, group: str, want: dict, rows: np.ndarray) -> str:
     return "complete" if attrs.get("complete") else "resume"
 
 
-@dataclass
-class _Plan:
-    """One member: its checkpoint, head, cache and the views/rows shared by every member."""
-
-    name: str
-    checkpoint: Path
-    head: Path | None
-    cache: Path
-    sha: str
-
-
-def plan_members(ens, store, caches: list[Path] | None) -> list[_Plan]:
-    from wbc.engine.external import row_names
+def plan_members(ens, store, caches: list[Path] | None) -> list[Member]:
+    """The ensemble's members with unique names and their caches (`caches` override the file's),
+    each cache checked against its checkpoint and the store."""
+    from wbc.engine.evaluate.external import row_names
 
     if caches and len(caches) != len(ens.members):
         raise WbcError(f"{len(caches)} --cache for {len(ens.members)} ensemble members: give one per member")
     plans = []
     for i, (name, m) in enumerate(zip(row_names(ens.members), ens.members)):
-        cache = Path(caches[i]) if caches else m.get("cache")
+        cache = Path(caches[i]) if caches else m.cache
         if cache is None:
             raise WbcError(f"ensemble member {name} has no feature cache: save the ensemble with "
                            "`wbc ensemble save ... --cache CACHE` per member, or pass --cache per member")
-        c = open_cache(cache, checkpoint=m["checkpoint"], store=store)
-        plans.append(_Plan(name, Path(m["checkpoint"]), m.get("head"), Path(cache), c.attrs["checkpoint_sha256"]))
+        open_cache(cache, checkpoint=m.checkpoint, store=store)
+        plans.append(dataclasses.replace(m, name=name, cache=Path(cache)))
     return plans
 
 
-def choose_rows_and_views(plans: list[_Plan], cfg: RobustnessConfig, store):
+def choose_rows_and_views(plans: list[Member], cfg: RobustnessConfig, store):
     """(all test rows, chosen rows (sorted), their labels, views, cache views) shared by members."""
     from wbc.views import resolve_views
 
@@ -188,7 +167,7 @@ def choose_rows_and_views(plans: list[_Plan], cfg: RobustnessConfig, store):
 
 def ensure_groups(plans, store, rows, all_rows, views, cache_views, degs, sevs, cfg, result) -> dict:
     """Extract every missing (member, degradation, severity) group; returns {(d, s): group name}."""
-    from wbc.engine.extract import ExtractConfig, extract
+    from wbc.engine.extract.run import ExtractConfig, extract
 
     suffix = _suffix(rows, all_rows, views, cache_views)
     he = store.provenance.get("stain_matrix") if store.provenance.get("stain") == "macenko" else None
@@ -197,7 +176,7 @@ def ensure_groups(plans, store, rows, all_rows, views, cache_views, degs, sevs, 
     for p in plans:
         for (d, s), g in groups.items():
             i += 1
-            want = {"checkpoint_sha256": p.sha, "store_content_id": store.content_id, "views": views,
+            want = {"checkpoint_sha256": p.checkpoint_sha256, "store_content_id": store.content_id, "views": views,
                     "image_transform": transform_id(d, s)}
             state = group_state(p.cache, g, want, rows)
             tag = f"{p.name}: {g}"
@@ -216,14 +195,13 @@ def ensure_groups(plans, store, rows, all_rows, views, cache_views, degs, sevs, 
     return groups
 
 
-def _probs(p: _Plan, rows: np.ndarray, vidx: list[int], groups: dict) -> dict:
+def _probs(p: Member, rows: np.ndarray, vidx: list[int], groups: dict) -> dict:
     """View-averaged probabilities (N, C) of one member: key 'clean' and (degradation, severity)."""
-    member = Member(p.cache, p.head)
-    clean = member_output(member, (TEST,))
+    clean = member_output(p, (TEST,))
     pos = {int(r): i for i, r in enumerate(clean.index)}
     out = {"clean": view_probs(clean.logits[[pos[int(r)] for r in rows]][:, vidx])}
     for key, g in groups.items():
-        o = member_output(member, None, group=g)
+        o = member_output(p, None, group=g)
         if not np.array_equal(o.index, rows):
             raise WbcError(f"{p.cache} group {g} holds other rows than asked; rerun to re-extract it")
         out[key] = view_probs(o.logits)
@@ -231,11 +209,12 @@ def _probs(p: _Plan, rows: np.ndarray, vidx: list[int], groups: dict) -> dict:
 
 
 def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Path,
-               cfg: RobustnessConfig = RobustnessConfig(), caches: list[Path] | None = None) -> RobustnessResult:
+               cfg: RobustnessConfig | None = None, caches: list[Path] | None = None) -> RobustnessResult:
     """Score each member and the ensemble per degradation x severity on the held-out test rows of
     `store_path`; write robustness.md/.json/.csv/.png under `out`. caches override the members'."""
+    cfg = cfg or RobustnessConfig()
     from wbc.adapt.bundle import is_adapted
-    from wbc.engine.predict import load_ensemble
+    from wbc.ensemble import load_ensemble
     from wbc.store import open_store
 
     if is_adapted(ensemble_path):  # its BN statistics, alignment and priors belong to one target set
@@ -268,106 +247,10 @@ def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Pat
                 "max_images": cfg.max_images, "seed": cfg.seed, "class_names": list(ens.class_names),
                 "groups": {f"{d}/{s}": g for (d, s), g in groups.items()},
                 "stain": store.provenance.get("stain")}
-    result.paths = write_robustness_report(result, settings, Path(out))
+    result.paths = write_robustness_report(result.rows, result.records, result.summary, settings, Path(out))
     return result
 
 
 def _metrics(labels: np.ndarray, probs: np.ndarray, c: int) -> dict:
     m = classification_metrics(labels, probs.argmax(1), c)
     return {"mf1": m["mf1"], "bacc": m["bacc"], "n": len(labels)}
-
-
-def summarise(records: list[dict], rows: list[str]) -> list[dict]:
-    """Per row: clean MF1/BAcc, mean MF1/BAcc over every degradation x severity >= 1, the worst."""
-    out = []
-    for row in rows:
-        mine = [r for r in records if r["row"] == row]
-        clean = next(r for r in mine if r["severity"] == 0)
-        deg = [r for r in mine if r["severity"] > 0]
-        worst = min(deg, key=lambda r: r["mf1"]) if deg else clean
-        out.append({"row": row, "clean_mf1": clean["mf1"], "clean_bacc": clean["bacc"],
-                    "mean_mf1": float(np.mean([r["mf1"] for r in deg])) if deg else clean["mf1"],
-                    "mean_bacc": float(np.mean([r["bacc"] for r in deg])) if deg else clean["bacc"],
-                    "worst": f"{worst['degradation']}/{worst['severity']}", "worst_mf1": worst["mf1"]})
-    return out
-
-
-# -- reports ---------------------------------------------------------------------------------
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}"
-
-
-def summary_markdown(summary: list[dict]) -> str:
-    lines = ["| Model | clean MF1 | clean BAcc | mean MF1 (degraded) | mean BAcc (degraded) | worst (MF1) |",
-             "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {s['row']} | {_pct(s['clean_mf1'])} | {_pct(s['clean_bacc'])} | {_pct(s['mean_mf1'])} | "
-              f"{_pct(s['mean_bacc'])} | {s['worst']} ({_pct(s['worst_mf1'])}) |" for s in summary]
-    return "\n".join(lines)
-
-
-def row_markdown(records: list[dict], row: str) -> str:
-    """Degradations x severities of one row: 'MF1 / BAcc' in percent, plus the mean per severity."""
-    mine = [r for r in records if r["row"] == row]
-    degs = list(dict.fromkeys(r["degradation"] for r in mine))
-    sevs = sorted({r["severity"] for r in mine})
-    cell = {(r["degradation"], r["severity"]): r for r in mine}
-    lines = ["| degradation | " + " | ".join(f"severity {s}" for s in sevs) + " |", "|---|" + "---:|" * len(sevs)]
-    for d in degs:
-        lines.append(f"| {d} | " + " | ".join(
-            f"{_pct(cell[d, s]['mf1'])} / {_pct(cell[d, s]['bacc'])}" for s in sevs) + " |")
-    means = [(np.mean([cell[d, s]["mf1"] for d in degs]), np.mean([cell[d, s]["bacc"] for d in degs])) for s in sevs]
-    lines.append("| **mean** | " + " | ".join(f"{_pct(a)} / {_pct(b)}" for a, b in means) + " |")
-    return "\n".join(lines)
-
-
-def robustness_png(records: list[dict], rows: list[str], path: Path) -> Path:
-    """MF1 against severity, one line per degradation, one panel per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ncols = min(3, len(rows))
-    nrows = -(-len(rows) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False, sharey=True)
-    for ax, row in zip(axes.flat, rows):
-        mine = [r for r in records if r["row"] == row]
-        for d in dict.fromkeys(r["degradation"] for r in mine):
-            pts = sorted((r["severity"], 100 * r["mf1"]) for r in mine if r["degradation"] == d)
-            ax.plot(*zip(*pts), marker="o", label=d)
-        ax.set_title(row, fontsize=9)
-        ax.set_xlabel("severity")
-        ax.set_ylabel("MF1 (%)")
-        ax.set_xticks(range(MAX_SEVERITY + 1))
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(rows):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_robustness_report(result: RobustnessResult, settings: dict, out: Path) -> dict[str, Path]:
-    """robustness.md, .json, .csv (one line per row x degradation x severity) and .png under out."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"robustness.{k}" for k in ("md", "json", "csv", "png")}
-    md = [f"# Robustness: {Path(settings['ensemble']).name} on {Path(settings['store']).name}", "",
-          (f"{settings['n_images']} of {settings['n_test']} held-out test images (stain: {settings['stain']}), "
-          f"views {', '.join(settings['views'])}; severity 0 = clean. Values are percent."), "",
-          summary_markdown(result.summary), "",
-          "Mean over every degradation and severity >= 1; plot of MF1 against severity: robustness.png.", ""]
-    for row in result.rows:
-        md += [f"## {row} (MF1 / BAcc)", "", row_markdown(result.records, row), ""]
-    md += ["## Degradations", "", describe()]
-    paths["md"].write_text("\n".join(md))
-    paths["json"].write_text(json.dumps({**settings, "rows": result.rows, "summary": result.summary,
-                                         "records": result.records}, indent=1, default=float))
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, ["row", "degradation", "severity", "mf1", "bacc", "n"])
-        w.writeheader()
-        w.writerows(result.records)
-    robustness_png(result.records, result.rows, paths["png"])
-    return paths

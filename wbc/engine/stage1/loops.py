@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from wbc.data import normalize
-from wbc.engine.distributed import DistEnv, any_true
+from wbc.engine.distributed import DistEnv
 from wbc.errors import WbcError
 
 
@@ -56,7 +56,7 @@ def train_epoch(
         with no_sync:
             with torch.autocast(s.device.type, dtype=s.amp, enabled=s.amp is not None):
                 loss = F.cross_entropy(model(x), y)
-            if any_true(env, not bool(torch.isfinite(loss))):
+            if env.any(not bool(torch.isfinite(loss))):
                 raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
             scaled = loss / group
             (scaler.scale(scaled) if scaler else scaled).backward()
@@ -71,7 +71,7 @@ def train_epoch(
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, loader: DataLoader, s: StepSetup) -> tuple[np.ndarray, np.ndarray, float]:
+def predict_loader(model: torch.nn.Module, loader: DataLoader, s: StepSetup) -> tuple[np.ndarray, np.ndarray, float]:
     """(predictions (N,), labels (N,), summed CE loss) over this rank's loader."""
     model.eval()
     preds, labels, loss = [], [], 0.0

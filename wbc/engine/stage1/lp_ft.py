@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from wbc.backbones import embed
-from wbc.engine import checkpointing as ckp
-from wbc.engine.loops import StepSetup, _inputs
+from wbc.engine.stage1 import checkpointing as ckp
+from wbc.engine.stage1.loops import StepSetup, _inputs
 from wbc.errors import WbcError
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ The heads come from `wbc.stage2.fit`; this module adds the fold loop, resume and
 OUT/fold{K}/head.pt, config.yaml (what was asked and what ran) and metrics.jsonl (one line per
 epoch, then the final record). A finished fold is kept and reused when rerun with the same
 settings. A CACHE path may hold '{fold}' when each fold has its own Stage-1 backbone (and so its
-own cache). `wbc ablate` (wbc.engine.ablate) shares the fold loop's helpers.
+own cache). `wbc ablate` (wbc.engine.stage2.ablate) shares the fold loop's helpers.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from wbc.backbones import create_backbone
 from wbc.device import amp_dtype, resolve_device
-from wbc.engine.loops import optimizer_step
+from wbc.engine.stage1.loops import optimizer_step
 
 
 def train_throughput(

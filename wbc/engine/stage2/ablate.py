@@ -8,20 +8,19 @@ heads as heads/<config>/fold{K}/head.pt.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from wbc.config import config_hash, save_config, to_dict
-from wbc.engine.crt import FoldCaches, stage1_val_metrics
+from wbc.engine.stage2.crt import FoldCaches, stage1_val_metrics
 from wbc.errors import WbcError
 from wbc.fsutil import atomic_write
 from wbc.losses import LossSpec
-from wbc.metrics import HEADLINE, mean_std
+from wbc.metrics import mean_std
+from wbc.report.ablate import AblateRow, write_tables
 from wbc.stage2 import HeadConfig
 from wbc.stage2.fitting import as_configs, fit
 
@@ -39,7 +38,8 @@ def parse_floats(text: str, name: str) -> list[float]:
 
 
 def grid_specs(losses: list[str], betas, gammas, lams, la_tau: float = 1.0) -> list[LossSpec]:
-    """The product of the values, without duplicates a loss cannot tell apart (ce ignores beta...)."""
+    """The product of the values, keeping the first of specs that are the same loss (`LossSpec.key`:
+    ce ignores beta; with gamma 0 or lam 0 every hybrid is the same CB-CE)."""
     specs, seen = [], set()
     for name, beta, gamma, lam in itertools.product(losses, betas, gammas, lams):
         s = LossSpec(name, beta, gamma, lam, la_tau)
@@ -49,17 +49,13 @@ def grid_specs(losses: list[str], betas, gammas, lams, la_tau: float = 1.0) -> l
     return specs
 
 
-@dataclass
-class AblateRow:
-    label: str
-    spec: LossSpec
-    mean_std: dict  # metric -> (mean, std)
-    per_fold: list[dict]
-    best: bool = False
-
-
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", label)
+
+
+def head_path(out: str | Path, label: str, fold: int) -> Path:
+    """Where save_heads writes a configuration's head (label: ablate.csv's `label` column)."""
+    return Path(out) / "heads" / _slug(label) / f"fold{fold}" / "head.pt"
 
 
 def ablate(cache: str | Path, out: str | Path, specs: list[LossSpec], fold: str | int = "all",
@@ -112,7 +108,7 @@ def _fold(caches: FoldCaches, k: int, out: Path, configs: list[HeadConfig], key:
                 "metrics": h.training["metrics"]} for c, h in zip(configs, heads)]
     if save_heads:
         for c, h in zip(configs, heads):
-            h.save(out / "heads" / _slug(c.loss.label()) / f"fold{k}" / "head.pt")
+            h.save(head_path(out, c.loss.label(), k))
     seconds = heads[0].training["seconds"]
     record = {"key": key, "fold": k, "seconds": seconds, "results": results,
               "stage1": stage1_val_metrics(data, k), "ran": heads[0].training["ran"]}
@@ -122,33 +118,3 @@ def _fold(caches: FoldCaches, k: int, out: Path, configs: list[HeadConfig], key:
         f.write(json.dumps(record, indent=1))
     log.info("fold %d: %d heads in %.1f s", k, len(configs), seconds)
     return record
-
-
-def fmt(ms: tuple[float, float]) -> str:
-    return f"{100 * ms[0]:.2f} ± {100 * ms[1]:.2f}"
-
-
-def write_tables(rows: list[AblateRow], out: Path, folds: list[int]) -> dict[str, Path]:
-    """ablate.csv (fractions) and ablate.md (percent, mean ± std over folds, best marked)."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / "ablate.csv", out / "ablate.md"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["loss", "beta", "gamma", "lam", "label", "best"]
-                   + [f"{m}_{s}" for m in HEADLINE for s in ("mean", "std")]
-                   + ["best_epochs", "taus"])
-        for r in rows:
-            w.writerow([r.spec.name, r.spec.beta, r.spec.gamma, r.spec.lam, r.label, int(r.best)]
-                       + [f"{v:.6f}" for m in HEADLINE for v in r.mean_std[m]]
-                       + [" ".join(str(p["best_epoch"]) for p in r.per_fold),
-                          " ".join(f"{p['tau']:g}" for p in r.per_fold)])
-    lines = [(f"Stage-2 loss ablation, validation folds {folds}: mean ± std over folds (%); "
-             "* = best MF1 (the chosen configuration); **bold** = best in its column."), "",
-             "| configuration | MF1 | BAcc | MP | MSpec |", "|---|---|---|---|---|"]
-    # Bold per column: the MF1-best row is often not the best on BAcc, and a bold row would claim it is.
-    tops = {m: max(r.mean_std[m][0] for r in rows) for m in HEADLINE}
-    for r in rows:
-        cells = [f"**{fmt(r.mean_std[m])}**" if r.mean_std[m][0] == tops[m] else fmt(r.mean_std[m]) for m in HEADLINE]
-        lines.append(f"| {'* ' if r.best else ''}{r.label} | " + " | ".join(cells) + " |")
-    md_path.write_text("\n".join(lines) + "\n")
-    return {"csv": csv_path, "md": md_path}

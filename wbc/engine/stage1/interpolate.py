@@ -33,7 +33,7 @@ from torch import nn
 
 from wbc.backbones import create_backbone, load_checkpoint
 from wbc.config import file_sha256
-from wbc.engine.checkpointing import save_atomic
+from wbc.engine.stage1.checkpointing import save_atomic
 from wbc.errors import WbcError
 
 log = logging.getLogger(__name__)

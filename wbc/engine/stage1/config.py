@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class Stage1Config:
     """Stage-1 settings; defaults are the paper's unless a comment says otherwise."""
 
     backbone: str = "r50"  # alias (r50, r152, swin, lite0..2) or any timm name
@@ -20,7 +20,7 @@ class TrainConfig:
     min_lr: float = 0.0  # cosine annealing floor (per epoch, over `epochs`)
     patience: int = 10  # early stopping: epochs without a better validation Macro-F1
     augment: str = "randaugment"  # none | randaugment | degradations | scale, or a comma list
-    recipe: str = "paper"  # paper | lp-ft | frozen-pretrained (wbc.engine.lp_ft)
+    recipe: str = "paper"  # paper | lp-ft | frozen-pretrained (wbc.engine.stage1.lp_ft)
     randaugment_ops: int = 2  # torchvision's defaults
     randaugment_magnitude: int = 9
     crop: int = 224  # centre crop side fed to the network

@@ -28,19 +28,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wbc import __version__
-from wbc.backbones import embed, load_checkpoint, logits_from_embeddings
+from wbc.backbones import embed, load_checkpoint
 from wbc.cache import block_rows, done_blocks, mark_complete, open_for_writing, write_rows
 from wbc.config import file_sha256, to_dict
-from wbc.data import crop_images, normalize
+from wbc.data import crop_images
 from wbc.device import amp_dtype
-from wbc.engine.extract_config import ExtractConfig
-from wbc.engine.extract_dist import Dist, setup
-from wbc.engine.extract_plan import check_pairing, prepare_output, resolve_checkpoint, row_table
+from wbc.embed import embed_block
+from wbc.engine.distributed import DistEnv, setup
+from wbc.engine.extract.config import ExtractConfig
+from wbc.engine.extract.plan import check_pairing, prepare_output, resolve_checkpoint, row_table
 from wbc.errors import WbcError
 from wbc.fsutil import check_writable, output_lock
 from wbc.log import progress
 from wbc.store import ImageStore, open_store
-from wbc.views import apply_views, resolve_views
+from wbc.views import resolve_views
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _claim(out: Path, held: contextlib.ExitStack) -> None:
     held.enter_context(output_lock(out))
 
 
-def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, rows) -> dict:
+def _run(ckpt, st, out, cfg, views, d: DistEnv, group, image_fn, image_transform, rows) -> dict:
     t0 = time.perf_counter()
     model, meta = load_checkpoint(ckpt, d.device)
     check_pairing(meta, st, ckpt, cfg.other_store)
@@ -112,7 +113,7 @@ def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, r
     g = open_for_writing(out, group)
     done = done_blocks(g)
     mine = [b for b in range(len(done)) if b % d.world == d.rank and not done[b]]
-    if d.main:
+    if d.is_main:
         log.info("extracting %d rows x %d views (%s, dim %d) on %s into %s%s", len(rows), len(views),
                  meta["timm_name"], dim, d.device, out, f" [{group}]" if group else "")
         if done.any():
@@ -123,7 +124,7 @@ def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, r
     wall = time.perf_counter() - t0
     timings = _merge_timings(per_rank, wall, len(views))
     d.checked(lambda: mark_complete(g, timings=timings), main_only=True)
-    if d.main:
+    if d.is_main:
         log.info("wrote %s: %d images in %.1f s (%.1f images/s, %.1f views/s)", out,
                  timings["images"], wall, timings["images_per_s"], timings["views_per_s"])
     return {"path": str(out), "group": group, "rows": len(rows), "views": views, "dim": dim,
@@ -131,7 +132,7 @@ def _run(ckpt, st, out, cfg, views, d: Dist, group, image_fn, image_transform, r
             "timings": timings}
 
 
-def _attrs(ckpt, meta, st, views, image_transform, amp, d: Dist, cfg) -> dict:
+def _attrs(ckpt, meta, st, views, image_transform, amp, d: DistEnv, cfg) -> dict:
     """Provenance of the cache: what it was made from and how."""
     return {
         "backbone": meta["timm_name"], "backbone_alias": meta.get("alias"),
@@ -143,6 +144,11 @@ def _attrs(ckpt, meta, st, views, image_transform, amp, d: Dist, cfg) -> dict:
         "image_transform": image_transform, "wbc_version": __version__,
         "amp": str(amp).replace("torch.", "") if amp else None, "device": d.device.type,
         "config": to_dict(cfg), "created": dt.datetime.now().isoformat(timespec="seconds"),
+        # what ran, beside what was asked in `config` (amp is asked; only CUDA runs it)
+        "ran": {"device": str(d.device), "amp": amp is not None,  # processes: timings["ranks"]
+                "dtype": str(amp or torch.float32).replace("torch.", ""), "features_dtype": "float16",
+                "channels_last": cfg.channels_last,
+                "torch": torch.__version__.split("+")[0]},
     }
 
 
@@ -178,7 +184,7 @@ class _Blocks(Dataset):
         return b, crop_images(images, self.dc).contiguous()
 
 
-def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: Dist, image_fn, out) -> dict:
+def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: DistEnv, image_fn, out) -> dict:
     cuda = d.device.type == "cuda"
     r = int(g.attrs["rows_per_chunk"])
     workers = cfg.workers if cfg.workers >= 0 else (min(8, os.cpu_count() or 1) if cuda else 0)
@@ -191,7 +197,7 @@ def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: Dist, imag
     n_mine = sum(min(len(rows), (b + 1) * r) - b * r for b in mine)
     t_loop, cpu_loop = time.perf_counter(), _cpu_seconds()
     bar = progress()
-    bar.disable = bar.disable or not d.main
+    bar.disable = bar.disable or not d.is_main
     with bar, _Writer(g, out) as writer:
         task = bar.add_task("extract", total=n_mine, info=f"{len(views)} views")
         it = iter(loader)
@@ -204,7 +210,7 @@ def _extract_blocks(model, g, st, rows, mine, dc, views, cfg, amp, d: Dist, imag
             if item is None:
                 break
             b, crops = item
-            feats, logits = _embed_block(model, crops, dc, views, bs, amp, d.device, cfg.channels_last)
+            feats, logits = embed_block(model, crops, dc, views, bs, amp, d.device, cfg.channels_last)
             t["forward_s"] += time.perf_counter() - t2
             start, stop = block_rows(g, b)
             _check_finite(feats, logits, rows[start:stop], st)
@@ -226,44 +232,6 @@ def _cpu_seconds() -> float:
         return time.process_time()
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + r.ru_utime + r.ru_stime
-
-
-def _forward_views(model, crops, dc, views, amp, channels_last):
-    """crops: (B, 3, h, w) uint8 on the device -> embeddings (B, K, D), logits (B, K, C) float32."""
-    k = len(views)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = apply_views(normalize(crops, dc["mean"], dc["std"]), views, fmt)  # (K*B, 3, h, w), view-major
-    with torch.autocast(crops.device.type, dtype=amp) if amp else contextlib.nullcontext():
-        e = embed(model, x)
-        z = logits_from_embeddings(model, e)
-    b = x.shape[0] // k
-    return e.float().reshape(k, b, -1).transpose(0, 1), z.float().reshape(k, b, -1).transpose(0, 1)
-
-
-def _embed_block(model, crops, dc, views, bs, amp, device, channels_last):
-    """crops: (M, 3, h, w) uint8 -> features (M, K, D) float16, logits (M, K, C) float32 (numpy)."""
-    feats, logits = [], []
-    for s in range(0, len(crops), bs):
-        x = crops[s: s + bs].to(device, non_blocking=True)
-        e, z = _forward_views(model, x, dc, views, amp, channels_last)
-        feats.append(e.to(torch.float16))
-        logits.append(z)
-    # one device->host copy per block: the GPU keeps running ahead while the writer stores it
-    return torch.cat(feats).cpu().numpy(), torch.cat(logits).cpu().numpy()
-
-
-@torch.inference_mode()
-def embed_views(model, images: np.ndarray, data_config: dict, views: Sequence[str],
-                device: str | torch.device = "cpu", amp: torch.dtype | None = None,
-                channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Stored images (B, S, S, 3) uint8 -> (embeddings (B, K, D), Stage-1 logits (B, K, C)) float32.
-
-    The same crop, normalisation, views and forward as `extract` (for `wbc predict`); the cache
-    holds these embeddings rounded to float16.
-    """
-    crops = crop_images(images, data_config).to(device)
-    e, z = _forward_views(model, crops, data_config, list(views), amp, channels_last)
-    return e.cpu().numpy(), z.cpu().numpy()
 
 
 def _check_finite(feats: np.ndarray, logits: np.ndarray, store_rows: np.ndarray, st) -> None:
