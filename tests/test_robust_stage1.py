@@ -251,6 +251,12 @@ def test_cli_interpolate_frozen_and_extract(tmp_path, capsys):
     assert r.returncode == 0, r.stderr + r.stdout
     wise = tmp_path / "wise" / "alpha-0.5" / "fold0"
     assert (wise / "best.pt").is_file() and (wise / "config.yaml").is_file()
+    r = _wbc("interpolate", ckpt, "--alpha", "0", "--recalibrate-bn", "-o", tmp_path / "wise-bn", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert torch.load(tmp_path / "wise-bn" / "alpha-0" / "fold0" / "best.pt", weights_only=True)["bn_recalibrated"]["n_images"] > 0
+    r = _wbc("interpolate", ckpt, "--alpha", "0", "--recalibrate-bn", "--store", tmp_path / "nope.h5",
+             "-o", tmp_path / "wise-bad", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     r = _wbc("train", store, "--backbone", "test_resnet", "--pretrained", pre, "--recipe", "frozen-pretrained",
              "--crop", "32", "--batch-size", "8", "--workers", "0", "-o", tmp_path / "frozen", cwd=tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout
