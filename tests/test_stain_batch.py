@@ -24,8 +24,8 @@ def _agree(a: np.ndarray, b: np.ndarray) -> float:
     return float((np.abs(a.astype(int) - b.astype(int)) <= 1).all(axis=-1).mean())
 
 
-@pytest.fixture(scope="module")
-def setup():
+def stain_cases():
+    """(template, its torchstain + clamp normaliser, 5 images of two stains and five sizes)."""
     rng = np.random.default_rng(0)
     template = stained_image(rng, 96, HE_DEFAULT, nucleus=0.2, hema=1.5, eosin=1.0)
     norm = StainNormalizer.fit(template)  # torchstain + clamp: the reference
@@ -36,7 +36,12 @@ def setup():
         if k == 2:
             im[3:10, 3:20] = (120, 220, 60)  # off-plane debris: the clamp acts
         images.append(im[: im.shape[0] - k])  # non-square, different sizes: padded in a batch
-    return norm, images
+    return template, norm, images
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return stain_cases()[1:]
 
 
 def _batched(norm: StainNormalizer, images, device="cpu"):

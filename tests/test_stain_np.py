@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import HE_DEFAULT, stained_image, write_image_folder
-from tests.test_stain_clamp import HE_OTHER, numpy_macenko
+from tests.fixtures import write_image_folder
+from tests.test_stain_batch import _agree, stain_cases
+from tests.test_stain_clamp import numpy_macenko
 from wbc.stain import (
     StainError,
     StainNormalizer,
@@ -26,24 +27,9 @@ from wbc.stain_np import NumpyMacenko, estimate, kth_smallest
 from wbc.store import StoreWriter, encode_image
 
 
-def _agree(a: np.ndarray, b: np.ndarray) -> float:
-    """Share of pixels whose channels all differ by at most one grey level."""
-    return float((np.abs(a.astype(int) - b.astype(int)) <= 1).all(axis=-1).mean())
-
-
 @pytest.fixture(scope="module")
 def setup():
-    rng = np.random.default_rng(0)
-    template = stained_image(rng, 96, HE_DEFAULT, nucleus=0.2, hema=1.5, eosin=1.0)
-    norm = StainNormalizer.fit(template)  # torchstain + clamp: the reference
-    images = []
-    for k in range(5):
-        im = stained_image(rng, 72 + 8 * k, HE_OTHER if k % 2 else HE_DEFAULT, nucleus=0.15 + 0.03 * k,
-                           hema=0.9 + 0.2 * k, eosin=1.3 + 0.1 * k)
-        if k == 2:
-            im[3:10, 3:20] = (120, 220, 60)  # off-plane debris: the clamp acts
-        images.append(im[: im.shape[0] - k])
-    return template, norm, images
+    return stain_cases()
 
 
 def test_matches_torchstain_batched_and_float64_reference(setup):
