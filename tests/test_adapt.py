@@ -221,3 +221,24 @@ def test_robustness_refuses_an_adapted_file_in_one_line(env, tmp_path):
     adapt(target, env.ensemble, out, AdaptConfig(zoom="off", bn=False, priors=False))
     r = run_wbc("robustness", env.store_path, "--ensemble", out, "--out", tmp_path / "rob")
     assert r.returncode == 2 and "adapted to one target set" in r.stdout + r.stderr
+
+
+def test_guard_skips_adabn_and_alignment_on_in_domain_cells(env, tmp_path):
+    """The source's own images (the ones its store was prepared from) are not shifted: AdaBN and alignment are skipped and the
+    probabilities are the plain ensemble's; --no-guard (guard=False) forces them. A foreign stain
+    counts as shifted."""
+    from wbc.engine.evaluate.predict import predict
+
+    target = env.images
+    res = adapt(target, env.ensemble, tmp_path / "g.yaml", AdaptConfig(zoom="off", device="cpu"))
+    shift = res.doc["steps"]["shift"]
+    assert shift["enabled"] and not shift["shifted"] and shift["share_beyond_val95"] <= 0.25
+    assert not res.doc["steps"]["bn"]["enabled"] and res.doc["steps"]["align"]["method"] == "none"
+    assert res.doc["config"]["bn"] and res.doc["config"]["align"] == "meanstd"  # what was asked
+    plain = predict(target, env.ensemble, tmp_path / "p.csv", device="cpu")
+    np.testing.assert_allclose(res.probs, plain.probs, atol=1e-5)
+    forced = adapt(target, env.ensemble, tmp_path / "f.yaml", AdaptConfig(zoom="off", device="cpu", guard=False))
+    assert forced.doc["steps"]["bn"]["enabled"] and not forced.doc["steps"]["shift"]["enabled"]
+    foreign = target_set(tmp_path / "t", he=OTHER_HE)
+    res = adapt(foreign, env.ensemble, tmp_path / "x.yaml", AdaptConfig(zoom="off", device="cpu"))
+    assert res.doc["steps"]["shift"]["shifted"] and res.doc["steps"]["bn"]["enabled"]

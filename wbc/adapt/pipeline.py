@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,9 @@ class AdaptConfig:
     priors: bool = False
     prototypes: bool = False  # nearest-centroid on target prototypes (wbc.adapt.protos); off: see BENCHMARKS
     coverage: float = 0.95  # in-domain fraction left un-flagged by `review`
+    # AdaBN and alignment only when the target is measurably shifted (wbc.adapt.steps.measure_shift):
+    # on in-domain cells with another class mix they cost 13-17 Macro-F1 points (BENCHMARKS).
+    guard: bool = True
     max_images: int = 2000  # target images used (a seeded sample beyond it): memory and time
     scale_images: int = 200  # images measured per side for the zoom estimate
     batch_size: int = 32
@@ -187,6 +190,17 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
     x = _prepared(images, zoom_doc["zoom"], int(ens.provenance["settings"]["size"]))
     del images
     files = out.with_name(out.stem + ".files")
+    asked = cfg
+    shift_doc = {"enabled": False}
+    if cfg.guard and (cfg.bn or cfg.align != "none"):
+        from wbc.adapt.steps import measure_shift
+
+        shift_doc = measure_shift(ens, x, cfg)
+        if not shift_doc["shifted"]:
+            log.warning("target looks in-domain (%.0f%% of cells beyond the in-domain 95th percentile of "
+                        "ood_score, threshold %.0f%%): AdaBN and alignment skipped (--no-guard forces them)",
+                        100 * shift_doc["share_beyond_val95"], 100 * shift_doc["threshold"])
+            cfg = replace(cfg, bn=False, align="none")
     members, member_probs, review, ood = adapt_members(ens, x, files, cfg, stats["target_id"], zoom_doc["zoom"])
     pri_doc, probs = fit_priors(member_probs.mean(axis=0), cfg.priors, ens.class_names)
     proto_doc = {"enabled": cfg.prototypes}
@@ -203,13 +217,13 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
                    "n_stain_failed": stats["n_stain_failed"], "n_stain_clamped": stats["n_stain_clamped"]},
         "steps": {"stain": {"template": "training store", "n_failed": stats["n_stain_failed"],
                             "n_clamped": stats["n_stain_clamped"], "clamp": stats["stain_clamp_on"]},
-                  "zoom": zoom_doc,
+                  "zoom": zoom_doc, "shift": shift_doc,
                   "bn": {"enabled": cfg.bn, "members": [m.pop("bn_doc") for m in members]},
                   "align": {"enabled": cfg.align != "none", "method": cfg.align, "shrink": cfg.shrink},
                   "priors": pri_doc, "prototypes": proto_doc},
         "review": review,
         "predicted": _counts(probs, ens.class_names),
-        "config": asdict(cfg),
+        "config": asdict(asked),
         "members": [{k: _rel(v, base) if k in ("checkpoint", "arrays") else v for k, v in m.items()
                      if not k.startswith("_")} for m in members],
     }

@@ -31,6 +31,8 @@ def adapt(
                                          "calibrated posteriors (assumes only the class mix changed).")] = False,
     prototypes: Annotated[bool, typer.Option(help="Classify by class prototypes re-estimated on the target's "
                                              "embeddings (nearest centroid).")] = False,
+    no_guard: Annotated[bool, typer.Option("--no-guard", help="Run AdaBN and alignment even when the target "
+                                           "looks in-domain (by default they are skipped there: they cost accuracy).")] = False,
     coverage: Annotated[float, typer.Option(help="Fraction of in-domain validation cells left un-flagged "
                                             "by `review`.")] = 0.95,
     max_images: Annotated[int, typer.Option(help="Target images used at most (a seeded sample beyond).")] = 2000,
@@ -50,7 +52,7 @@ def adapt(
         raise WbcError("--batch-size and --max-images must be positive")
     cfg = AdaptConfig(zoom="off" if no_zoom else zoom, bn=not no_bn, align="none" if no_align else align,
                       priors=priors, prototypes=prototypes, coverage=coverage, max_images=max_images,
-                      batch_size=batch_size, device=device)
+                      batch_size=batch_size, device=device, guard=not no_guard)
     res = run(target, ensemble, out, cfg)
     d, steps = res.doc, res.doc["steps"]
     z = steps["zoom"]
@@ -59,6 +61,10 @@ def adapt(
                   f"Macenko failed on {steps['stain']['n_failed']}, clamped {steps['stain']['n_clamped']})")
     console.print(f"zoom: {z['zoom']}" + (f" (raw {est['raw']:.3f}, 90% interval {est['low']:.3f}-{est['high']:.3f}, "
                                           f"{est['n_unmeasured']} unmeasurable; {est['reason']})" if est else ""))
+    sh = steps.get("shift") or {}
+    if sh.get("enabled"):
+        console.print(f"shift: {100 * sh['share_beyond_val95']:.0f}% of cells beyond the in-domain 95th percentile of "
+                      f"ood_score -> {'shifted: adapting' if sh['shifted'] else 'in-domain: AdaBN and alignment skipped'}")
     console.print(f"AdaBN: {'on' if steps['bn']['enabled'] else 'off'}; alignment: {steps['align']['method']}; "
                   f"priors: {'on' if steps['priors']['enabled'] else 'off'}; "
                   f"prototypes: {'on' if steps['prototypes']['enabled'] else 'off'}")
