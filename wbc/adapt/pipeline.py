@@ -191,17 +191,17 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
     del images
     files = out.with_name(out.stem + ".files")
     asked = cfg
-    shift_doc = {"enabled": False}
+    shift_doc, refs = {"enabled": False}, None
     if cfg.guard and (cfg.bn or cfg.align != "none"):
         from wbc.adapt.steps import measure_shift
 
-        shift_doc = measure_shift(ens, x, cfg)
+        shift_doc, refs = measure_shift(ens, x, cfg, files, stats["target_id"], zoom_doc["zoom"])
         if not shift_doc["shifted"]:
             log.warning("target looks in-domain (%.0f%% of cells beyond the in-domain 95th percentile of "
                         "ood_score, threshold %.0f%%): AdaBN and alignment skipped (--no-guard forces them)",
                         100 * shift_doc["share_beyond_val95"], 100 * shift_doc["threshold"])
             cfg = replace(cfg, bn=False, align="none")
-    members, member_probs, review, ood = adapt_members(ens, x, files, cfg, stats["target_id"], zoom_doc["zoom"])
+    members, member_probs, review, ood = adapt_members(ens, x, files, cfg, stats["target_id"], zoom_doc["zoom"], refs)
     pri_doc, probs = fit_priors(member_probs.mean(axis=0), cfg.priors, ens.class_names)
     proto_doc = {"enabled": cfg.prototypes}
     if cfg.prototypes:

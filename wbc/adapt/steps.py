@@ -95,40 +95,50 @@ def member_logits(spec, model, feats: np.ndarray, dev) -> np.ndarray:
 SHIFT_MIN = 0.25
 
 
-def measure_shift(ens, x: np.ndarray, cfg) -> dict:
+def measure_shift(ens, x: np.ndarray, cfg, files: Path, target_id: str, zoom: float = 1.0):
     """Share of target cells whose ood_score under the SOURCE model (no AdaBN, no alignment) exceeds
     the in-domain validation 95th percentile, averaged over members. AdaBN and alignment match the
     target's feature statistics to the training set's, and a class-mix change alone moves them:
     on clean, class-balanced PBC-LT test cells they lowered Macro-F1 78.0 -> 65.2 / 60.6. So they
-    run only where the target is measurably off the training distribution."""
+    run only where the target is measurably off the training distribution.
+
+    Returns (step doc, member references). The source embeddings are kept where `adapt_members`
+    looks for them, so an unshifted target costs no second backbone pass."""
     from wbc.backbones import load_checkpoint
     from wbc.device import resolve_device
 
     dev = resolve_device(cfg.device)
-    shares = []
+    shares, refs = [], []
     for spec in ens.members:
         ref = member_reference(spec)
+        refs.append(ref)
         model, meta = load_checkpoint(spec.checkpoint, dev)
-        ood = ref.maha.score(embed_all(model, meta, x, ens.views, dev, cfg.batch_size))
-        shares.append(float((ood > np.quantile(ref.val_ood, 0.95)).mean()))
+        feats = embed_all(model, meta, x, ens.views, dev, cfg.batch_size, files / f"{spec.name}.target.npz",
+                          _target_key(spec.checkpoint, target_id, zoom, ens.views, len(x)))
+        shares.append(float((ref.maha.score(feats) > np.quantile(ref.val_ood, 0.95)).mean()))
     share = float(np.mean(shares))
-    return {"enabled": True, "share_beyond_val95": round(share, 4), "threshold": SHIFT_MIN,
-            "shifted": share > SHIFT_MIN, "members": [round(v, 4) for v in shares]}
+    return ({"enabled": True, "share_beyond_val95": round(share, 4), "threshold": SHIFT_MIN,
+             "shifted": share > SHIFT_MIN, "members": [round(v, 4) for v in shares]}, refs)
 
 
-def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: float = 1.0):
+def _target_key(ckpt: Path, target_id: str, zoom: float, views: list[str], n: int) -> str:
+    """What the kept target embeddings depend on: checkpoint bytes, target images, zoom, views."""
+    return f"{file_sha256(ckpt)}:{target_id}:{zoom}:{','.join(views)}:{n}"
+
+
+def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: float = 1.0, refs=None):
     """Per member: AdaBN, target embeddings, alignment, arrays file. -> (member docs, probs
-    (M, N, C), review doc, ood_score (N,) averaged over members)."""
+    (M, N, C), review doc, ood_score (N,) averaged over members). refs: the members' references
+    when already read (measure_shift), else read here."""
     from wbc.device import resolve_device
     from wbc.ensemble import fit_temperature, view_probs
 
     dev = resolve_device(cfg.device)
-    docs, probs, refs, oods = [], [], [], []
-    for spec in ens.members:
-        ref = member_reference(spec)
-        refs.append(ref)
+    docs, probs, oods = [], [], []
+    refs = list(refs) if refs is not None else [member_reference(spec) for spec in ens.members]
+    for spec, ref in zip(ens.members, refs):
         model, meta, ckpt, bn_doc = adabn_member(spec, x, ens.views, cfg, dev, files, target_id, zoom)
-        key = f"{file_sha256(ckpt)}:{target_id}:{zoom}:{','.join(ens.views)}:{len(x)}"
+        key = _target_key(ckpt, target_id, zoom, ens.views, len(x))
         feats = embed_all(model, meta, x, ens.views, dev, cfg.batch_size, files / f"{spec.name}.target.npz", key)
         if not np.isfinite(feats).all():
             raise WbcError(f"{spec.name}: non-finite embeddings on the target images")
