@@ -215,12 +215,66 @@ def test_predict_with_the_adapted_file_gives_what_adapt_computed(env, tmp_path, 
     np.testing.assert_allclose(pred.probs, res.probs, atol=1e-5)
 
 
-def test_robustness_refuses_an_adapted_file_in_one_line(env, tmp_path):
+def _mf1s(records: list[dict]) -> dict:
+    return {(r["degradation"], r["severity"]): r["mf1"] for r in records}
+
+
+def test_robustness_of_an_adapted_file_without_steps_equals_the_plain_ensemble(env, tmp_path):
+    """Through the installed script: an ADAPTED.yaml with every step off, scored through the image
+    path, gives the cache path's figures for its source ensemble, point for point."""
+    import json
+
+    from wbc.engine.evaluate.config import RobustnessConfig
+    from wbc.engine.evaluate.robustness import robustness
+
     target = target_set(tmp_path / "t")
     out = tmp_path / "ad.yaml"
-    adapt(target, env.ensemble, out, AdaptConfig(zoom="off", bn=False, priors=False))
-    r = run_wbc("robustness", env.store_path, "--ensemble", out, "--out", tmp_path / "rob")
-    assert r.returncode == 2 and "adapted to one target set" in r.stdout + r.stderr
+    adapt(target, env.ensemble, out, AdaptConfig(zoom="off", bn=False, align="none", priors=False, guard=False))
+    r = run_wbc("robustness", env.store_path, "--ensemble", out, "--out", tmp_path / "rob",
+                "--degradation", "gaussian_blur", "--degradation", "stain_jitter", "--severities", "2,4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads((tmp_path / "rob" / "robustness.json").read_text())
+    assert got["adapted"] and all(row.endswith("(adapted)") for row in got["rows"])
+    cfg = RobustnessConfig(degradations=("gaussian_blur", "stain_jitter"), severities=(2, 4), workers=0, device="cpu")
+    plain = robustness(env.ensemble, env.store_path, tmp_path / "plain", cfg)
+    assert _mf1s(got["records"]) == pytest.approx(_mf1s(plain.records), abs=1e-9)
+    # The figures of a tiny random model are coarse: compare the probabilities themselves.
+    from wbc.engine.evaluate import robustness as rb
+    from wbc.engine.evaluate.robustness_adapted import adapted_probs
+
+    (p,) = rb.plan_members(load_ensemble(env.ensemble), env.store, None)
+    _, rows, _, views, cache_views = rb.choose_rows_and_views([p], cfg, env.store)
+    groups = {k: rb.group_name(*k) for k in [("gaussian_blur", 2), ("stain_jitter", 4)]}
+    want = rb._probs(p, rows, [cache_views.index(v) for v in views], groups)
+    _, per, rows_a, _, _ = adapted_probs(out, env.store, ["gaussian_blur", "stain_jitter"], [2, 4], cfg)
+    (got_p,) = per.values()
+    assert np.array_equal(rows_a, rows)
+    for k, v in want.items():
+        np.testing.assert_allclose(got_p[k], v, atol=1e-5)
+
+
+def test_robustness_of_an_adapted_file_scores_as_predict_does(env, tmp_path):
+    """With AdaBN and alignment on, the clean test point equals `wbc predict ADAPTED.yaml` on the
+    same test cells' source files (decoded and normalised afresh), and differs from the plain model."""
+    from wbc.adapt.apply import load_for_scoring, score_images
+    from wbc.engine.evaluate.config import RobustnessConfig
+    from wbc.engine.evaluate.robustness_adapted import adapted_probs
+
+    target = target_set(tmp_path / "t", he=OTHER_HE)
+    out = tmp_path / "ad.yaml"
+    res = adapt(target, env.ensemble, out, AdaptConfig(zoom="off", priors=False, guard=False))
+    assert res.doc["steps"]["bn"]["enabled"] and res.doc["steps"]["align"]["enabled"]
+    ens, per, rows, _, _ = adapted_probs(out, env.store, ["gaussian_blur"], [3], RobustnessConfig(device="cpu"))
+    (probs,) = per.values()
+    files = [Path(env.store.paths[i]) for i in rows]
+    files = [f if f.is_absolute() else env.images / f for f in files]
+    ens_p, adaptation = load_for_scoring(out)
+    want = score_images(ens_p, adaptation, files, zoom=1.0, device="cpu").probs
+    np.testing.assert_allclose(probs["clean"], want, atol=1e-5)
+    plain_ens, plain_ad = load_for_scoring(env.ensemble)
+    plain = score_images(plain_ens, plain_ad, files, zoom=1.0, device="cpu").probs
+    assert np.abs(plain - want).max() > 1e-3  # AdaBN and alignment did act
+    assert probs[("gaussian_blur", 3)].shape == want.shape and not np.allclose(probs[("gaussian_blur", 3)], want)
 
 
 def test_guard_skips_adabn_and_alignment_on_in_domain_cells(env, tmp_path):

@@ -37,6 +37,7 @@ RECIPES = {  # name -> (augment, recipe)
     "scale-degr": ("scale,degradations", "paper"),
     "lp-ft": ("randaugment", "lp-ft"),
     "scale": ("scale,randaugment", "paper"),
+    "degr": ("randaugment,degradations", "paper"),
 }
 DEGS, SEVERITY, N_DEGRADED = ("stain_jitter", "gaussian_blur"), 3, 300
 ZOOMS = (1 / 1.6, 1.6)  # cells 1.6x smaller / larger in the frame
@@ -351,7 +352,7 @@ def report(args, work: Path) -> str:
 
 lite0 (`--pretrained package`), fold 0 of `{args.store}`, {args.epochs} epochs, crop {args.crop}, batch 32,
 lr 3e-4, CPU (one torch thread). Rows: `paper` (RandAugment, the default), `scale-degr` (`--augment
-scale,degradations`), `lp-ft` (`--recipe lp-ft`), `scale` (`--augment scale,randaugment`); `-aA` is
+scale,degradations`), `lp-ft` (`--recipe lp-ft`), `scale` (`--augment scale,randaugment`), `degr` (`--augment randaugment,degradations`); `-aA` is
 `wbc interpolate --alpha A` of that run (a1 = the fine-tuned checkpoint itself); `frozen` is `wbc train
 --recipe frozen-pretrained` (ImageNet backbone + linear probe, epoch 0). Every row: `wbc extract --views
 identity`, `wbc crt --fold 0 --beta 0.99 --gamma 2 --lam 1` (val = its fold-0 validation MF1), `wbc
@@ -384,7 +385,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--crop", type=int, default=96)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--recipes", default="paper,scale-degr,lp-ft,scale")
+    p.add_argument("--recipes", default="paper,scale-degr,lp-ft,scale,degr")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--adapt-only", action="store_true", help="add the JTSC adapt columns to finished rows")
     p.add_argument("--bn-only", action="store_true", help="only the rows with --recalibrate-bn (see --bn-alphas)")

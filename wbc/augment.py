@@ -33,7 +33,8 @@ def scale_crop(x: torch.Tensor, factor: float) -> torch.Tensor:
     if factor == 1.0:
         return x
     hwc = np.ascontiguousarray(x.permute(1, 2, 0).numpy())
-    return torch.from_numpy(np.ascontiguousarray(zoom_image(hwc, factor))).permute(2, 0, 1)
+    out = zoom_image(hwc, factor)  # may be a read-only view (PIL): torch wants a writable array
+    return torch.from_numpy(out if out.flags.writeable else out.copy()).permute(2, 0, 1)
 
 
 class RandomScale(torch.nn.Module):

@@ -29,7 +29,8 @@ def robustness(
     store: Annotated[Path, typer.Argument(help="Image store whose held-out test rows are degraded "
                                           "(the one the members' caches were extracted from).")],
     ensemble: Annotated[Path, typer.Option(help="ENSEMBLE.yaml whose members carry feature caches "
-                                           "(`wbc ensemble save --cache`), or pass --cache.")],
+                                           "(`wbc ensemble save --cache`), or pass --cache; or an "
+                                           "ADAPTED.yaml (`wbc adapt`), scored through the images.")],
     out: Out = Path("reports/robustness"),
     degradation: Degradations = None,
     severities: Annotated[str, typer.Option(help="Comma-separated severities 1..4 (0, clean, is always scored).")] = ",".join(map(str, _R.severities)),

@@ -217,21 +217,25 @@ def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Pat
     from wbc.ensemble import load_ensemble
     from wbc.store import open_store
 
-    if is_adapted(ensemble_path):  # its BN statistics, alignment and priors belong to one target set
-        raise WbcError(f"{ensemble_path} is adapted to one target set; score its source ensemble here, or "
-                       "adapt to the degraded images themselves (`wbc adapt`; tools/bench_crosslab.py does both)")
     degs, sevs = resolve_degradations(cfg.degradations), resolve_severities(cfg.severities)
-    ens = load_ensemble(Path(ensemble_path))
     store = open_store(store_path)
-    plans = plan_members(ens, store, caches)
-    all_rows, rows, labels, views, cache_views = choose_rows_and_views(plans, cfg, store)
     result = RobustnessResult(rows=[], records=[], summary=[])
-    groups = ensure_groups(plans, store, rows, all_rows, views, cache_views, degs, sevs, cfg, result)
-    vidx = [cache_views.index(v) for v in views]
-    per_member = {p.name: _probs(p, rows, vidx, groups) for p in plans}
-    if len(plans) > 1:
-        per_member[f"Ensemble ({len(plans)} members)"] = {
-            k: np.mean([pm[k] for pm in per_member.values()], axis=0) for k in ["clean", *groups]}
+    if is_adapted(ensemble_path):  # AdaBN members: no cache holds their features; the image path
+        from wbc.engine.evaluate.robustness_adapted import adapted_probs
+
+        ens, per_member, rows, all_rows, views = adapted_probs(ensemble_path, store, degs, sevs, cfg)
+        groups = {(d, s): None for d in degs for s in sevs}
+    else:
+        ens = load_ensemble(Path(ensemble_path))
+        plans = plan_members(ens, store, caches)
+        all_rows, rows, _, views, cache_views = choose_rows_and_views(plans, cfg, store)
+        groups = ensure_groups(plans, store, rows, all_rows, views, cache_views, degs, sevs, cfg, result)
+        vidx = [cache_views.index(v) for v in views]
+        per_member = {p.name: _probs(p, rows, vidx, groups) for p in plans}
+        if len(plans) > 1:
+            per_member[f"Ensemble ({len(plans)} members)"] = {
+                k: np.mean([pm[k] for pm in per_member.values()], axis=0) for k in ["clean", *groups]}
+    labels = np.asarray(store.labels)[rows].astype(np.int64)
     c = len(ens.class_names)
     for row, probs in per_member.items():
         clean = _metrics(labels, probs["clean"], c)
@@ -245,7 +249,8 @@ def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Pat
     settings = {"ensemble": str(ensemble_path), "store": str(store_path), "n_images": len(rows),
                 "n_test": len(all_rows), "views": views, "degradations": degs, "severities": [0, *sevs],
                 "max_images": cfg.max_images, "seed": cfg.seed, "class_names": list(ens.class_names),
-                "groups": {f"{d}/{s}": g for (d, s), g in groups.items()},
+                "groups": {f"{d}/{s}": g for (d, s), g in groups.items() if g},
+                "adapted": is_adapted(ensemble_path),
                 "stain": store.provenance.get("stain")}
     result.paths = write_robustness_report(result.rows, result.records, result.summary, settings, Path(out))
     return result
