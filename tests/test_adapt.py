@@ -264,7 +264,7 @@ def test_robustness_of_an_adapted_file_scores_as_predict_does(env, tmp_path):
     out = tmp_path / "ad.yaml"
     res = adapt(target, env.ensemble, out, AdaptConfig(zoom="off", priors=False, guard=False))
     assert res.doc["steps"]["bn"]["enabled"] and res.doc["steps"]["align"]["enabled"]
-    ens, per, rows, _, _ = adapted_probs(out, env.store, ["gaussian_blur"], [3], RobustnessConfig(device="cpu"))
+    _, per, rows, _, _ = adapted_probs(out, env.store, ["gaussian_blur"], [3], RobustnessConfig(device="cpu"))
     (probs,) = per.values()
     files = [Path(env.store.paths[i]) for i in rows]
     files = [f if f.is_absolute() else env.images / f for f in files]

@@ -159,7 +159,7 @@ def test_cli_prepare_backends_agree(tmp_path):
     stores = {}
     for backend in ("batched", "torchstain"):
         out = tmp_path / f"{backend}.h5"
-        workers = "2" if backend == "batched" else "0"  # threads; spawned processes would import torch again
+        workers = "2" if backend == "batched" else "0"  # forked numpy workers; spawned ones would import torch
         r = _wbc("prepare", str(src), "--out", str(out), "--size", "48", "--workers", workers,
                  "--stain-backend", backend, "--device", "cpu")
         assert r.returncode == 0, r.stderr
@@ -176,12 +176,24 @@ def test_cli_prepare_backends_agree(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.h5").exists()
 
 
-def test_prepare_batched_in_process_equals_threads(tmp_path):
+def test_prepare_batched_in_process_equals_forked_workers(tmp_path):
+    """The CPU path's forked workers (each compressing under its own HDF5 lock) write the very
+    chunks the in-process path writes, in source order."""
+    import h5py
+
+    from wbc.prepare import _pool_kind
+
+    cfg = PrepareConfig(size=40, workers=2, commit_every=3, device="cpu")
+    assert _pool_kind(cfg, "cpu", 2) == "fork" and _pool_kind(cfg, "cuda", 2) == "threads"
     src = write_image_folder(tmp_path / "src", ("A", "B"), 5, size=64)
     a = prepare_store(src, tmp_path / "a.h5", PrepareConfig(size=40, workers=0, device="cpu"))
-    b = prepare_store(src, tmp_path / "b.h5", PrepareConfig(size=40, workers=2, commit_every=3, device="cpu"))
+    b = prepare_store(src, tmp_path / "b.h5", cfg)
     assert a.content_id == b.content_id
     np.testing.assert_array_equal(open_store(a.out).images(range(10)), open_store(b.out).images(range(10)))
+    with h5py.File(a.out) as fa, h5py.File(b.out) as fb:
+        assert list(fa["paths"].asstr()[:]) == list(fb["paths"].asstr()[:])
+        for i in range(10):
+            assert fa["images"].id.read_direct_chunk((i, 0, 0, 0)) == fb["images"].id.read_direct_chunk((i, 0, 0, 0))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is absent")

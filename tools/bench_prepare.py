@@ -13,7 +13,7 @@ On a seeded subset of `--n` PBC-LT images (template: a fixed PBC-LT image, by de
 2. the plain per-image torchstain loop in this process, one torch thread: PIL decode ->
    `normalize(stains=False)` -> resize to 368 (run before and after the prepares: load bracket);
 3. `wbc prepare SUBSET.csv --template T` through the installed script (process start-up
-   included), `--stain-backend torchstain`, then `batched --device cpu` (default workers: threads)
+   included), `--stain-backend torchstain`, then `batched --device cpu` (default workers: forked processes)
    and the same with `--workers 0` (all in one thread);
 4. the normalisers alone on the decoded images (CPU; and CUDA at 368 px where available);
 5. the stores compared pixel by pixel (and their content ids).
@@ -85,26 +85,32 @@ def numpy_rows(nm: NumpyMacenko):
     return lambda chunk: [one(im) for im in chunk]
 
 
-def validate(norm: StainNormalizer, run, images: list[np.ndarray]) -> dict:
-    """Per-image agreement of a batched-backend implementation with torchstain + clamp."""
+def validate(norm: StainNormalizer, run, paths: list[Path]) -> dict:
+    """Per-image agreement of a batched-backend implementation with torchstain + clamp (images
+    decoded chunk by chunk: the whole set does not sit in memory). `off`: images with more than 1%
+    of their pixels off by more than one grey level, with that share."""
     within = total = worst = identical = 0
-    flag_diff, fails = [], 0
-    for s in range(0, len(images), 4):
-        chunk = images[s: s + 4]
-        for im, (got, got_ok, got_reason) in zip(chunk, run(chunk)):
+    flag_diff, fails, off = [], 0, []
+    for s in range(0, len(paths), 4):
+        chunk_paths = paths[s: s + 4]
+        chunk = [decode(p) for p in chunk_paths]
+        for p, im, (got, got_ok, got_reason) in zip(chunk_paths, chunk, run(chunk)):
             ref, ok, reason, _ = try_normalize_with_info(norm, im)
             h, w = im.shape[:2]
             if ok != got_ok:
-                flag_diff.append(f"{reason or 'ok'} / {got_reason or 'ok'}")
+                flag_diff.append(f"{p.name}: {reason or 'ok'} / {got_reason or 'ok'}")
                 continue
             fails += not ok
             d = np.abs(ref.astype(int) - got.astype(int))
-            within += int((d <= 1).all(-1).sum())
+            near = int((d <= 1).all(-1).sum())
+            within += near
             identical += int((d == 0).all(-1).sum())
             total += h * w
             worst = max(worst, int(d.max()))
-    return {"n": len(images), "within1": within / total, "identical": identical / total, "worst": worst,
-            "flag_diff": flag_diff, "fails": fails}
+            if near < 0.99 * h * w:
+                off.append((p.name, 1 - near / (h * w)))
+    return {"n": len(paths), "within1": within / total, "identical": identical / total, "worst": worst,
+            "flag_diff": flag_diff, "fails": fails, "off": off}
 
 
 def plain_loop(paths: list[Path], template: Path, size: int) -> tuple[float, float]:
@@ -211,20 +217,28 @@ def measure(args: argparse.Namespace) -> dict:
     batched = BatchMacenko(norm.stain_matrix, norm.max_conc, norm.params)
     nm = NumpyMacenko(norm.stain_matrix, norm.max_conc, norm.params)
     pbc_images = [decode(p) for p, _ in pbc]
-    jtsc_images = [decode(p) for p, _ in subset(args.data, "jtsc", args.jtsc)]
-    m["val"] = {f"{name}, {impl}": validate(norm, run, ims)
-                for name, ims in (("PBC-LT", pbc_images), ("JTSC", jtsc_images))
+    # Validation (untimed) on every PBC-LT image (--n-validate 0) and every JTSC image.
+    val_sets = (("PBC-LT", [p for p, _ in subset(args.data, "pbc-lt", args.n_validate or 10**9)]),
+                ("JTSC", [p for p, _ in subset(args.data, "jtsc", args.jtsc)]))
+    m["val"] = {f"{name}, {impl}": validate(norm, run, ps) for name, ps in val_sets
                 for impl, run in (("numpy (CPU path)", numpy_rows(nm)), ("torch (GPU path, on CPU)", torch_rows(batched)))}
 
     paths = [p for p, _ in pbc]
     m["n_paths"] = len(paths)
-    loop_before = plain_loop(paths, template, args.size)
     m["ts"] = run_prepare(manifest, args.work / "torchstain.h5", template, args.size, "torchstain")
-    m["bt"] = run_prepare(manifest, args.work / "batched.h5", template, args.size, "batched")
     m["bt1"] = run_prepare(manifest, args.work / "batched1.h5", template, args.size, "batched", "--workers", "0")
-    loop_after = plain_loop(paths, template, args.size)
-    m["loop_before"], m["loop_after"] = loop_before, loop_after
-    m["loop"] = ((loop_before[0] + loop_after[0]) / 2, (loop_before[1] + loop_after[1]) / 2)
+    # The headline pair, interleaved: loop, prepare, loop, prepare, ..., loop; each prepare is
+    # compared with the mean of the loops either side of it (the machine's load drifts).
+    loops = [plain_loop(paths, template, args.size)]
+    bts = []
+    for _ in range(args.rounds):
+        bts.append(run_prepare(manifest, args.work / "batched.h5", template, args.size, "batched"))
+        loops.append(plain_loop(paths, template, args.size))
+    m["loops"], m["bts"] = loops, bts
+    m["ratios"] = [b[0] / ((loops[i][0] + loops[i + 1][0]) / 2) for i, b in enumerate(bts)]
+    med = int(np.argsort(m["ratios"])[len(bts) // 2])
+    m["bt"] = bts[med]
+    m["loop"] = ((loops[med][0] + loops[med + 1][0]) / 2, (loops[med][1] + loops[med + 1][1]) / 2)
     t0, c0 = time.perf_counter(), cpu_seconds()
     prepare_store(manifest, args.work / "inproc.h5", PrepareConfig(size=args.size, template=str(template),
                                                                    device="cpu"), overwrite=True)
@@ -261,14 +275,15 @@ def report(args: argparse.Namespace, m: dict) -> str:
          "run. `wbc prepare` runs through the installed script (process start-up, template fit, "
          "normalise, resize, lzf, HDF5 writes); the plain loop is PIL decode -> "
          "torchstain `normalize(stains=False)` -> resize, one process, one torch thread. On the CPU the "
-         "batched backend is numpy (`wbc.stain_np`, no torch import) in threads (default `--workers`: "
-         "one per core)."),
+         "batched backend is numpy (`wbc.stain_np`, no torch import) in forked worker processes (default "
+         "`--workers`: one per core; each compresses under its own HDF5 lock). Pixel agreement is checked "
+         "on every PBC-LT and JTSC image; the timing on the subset."),
         "",
         "| pipeline | images/s (wall) | vs plain loop | CPU ms / image (all processes) |",
         "|---|---|---|---|",
-        f"| plain torchstain loop, before / after the prepares | {m['loop_before'][0]:.1f} / {m['loop_after'][0]:.1f} | 1.00x | {loop[1]:.1f} |",
+        f"| plain torchstain loop, each round (before the first prepare, after each) | {' / '.join(f'{x[0]:.1f}' for x in m['loops'])} | 1.00x | {loop[1]:.1f} |",
         f"| `wbc prepare --stain-backend torchstain` | {ts[0]:.1f} | {ratio(ts[0])} | {ts[1]:.1f} |",
-        f"| `wbc prepare --stain-backend batched --device cpu` | {bt[0]:.1f} | **{ratio(bt[0])}** | {bt[1]:.1f} |",
+        f"| `wbc prepare --stain-backend batched --device cpu`, each round | {' / '.join(f'{x[0]:.1f}' for x in m['bts'])} | {' / '.join(f'{r:.2f}x' for r in m['ratios'])} (median **{ratio(bt[0])}**) | {bt[1]:.1f} |",
         f"| the same, `--workers 0` (one thread) | {bt1[0]:.1f} | {ratio(bt1[0])} | {bt1[1]:.1f} |",
         f"| `prepare_store(..., device='cpu')` in this process (no start-up) | {inproc[0]:.1f} | {ratio(inproc[0])} | {inproc[1]:.1f} |",
         f"| numpy normaliser alone (`NumpyMacenko`, decoded images) | {solo_np[0]:.1f} | - | {solo_np[1]:.1f} |",
@@ -285,6 +300,12 @@ def report(args: argparse.Namespace, m: dict) -> str:
     for name, v in m["val"].items():
         lines.append(f"| {name} ({v['n']}) | {100 * v['within1']:.4f}% | {100 * v['identical']:.2f}% | {v['worst']} | "
                      f"{len(v['flag_diff'])} | {v['fails']} |")
+    offs = [f"{name.split(',')[0]}: " + ", ".join(f"{f} ({100 * x:.0f}% of its pixels)" for f, x in v["off"])
+            for name, v in m["val"].items() if v["off"] and "numpy" in name]
+    if offs:
+        lines += ["", "Images with more than 1% of their pixels off by more than one level (numpy path): "
+                  + "; ".join(offs) + "."]
+    pbc_ok = all(v["within1"] >= 0.999 and not v["flag_diff"] for v in m["val"].values())
     own = fixed["decode"] + fixed["resize"] + fixed["lzf"]
     lines += [
         "",
@@ -299,7 +320,7 @@ def report(args: argparse.Namespace, m: dict) -> str:
          f"worst {cmp['worst']}; same stain_ok flags: {cmp['same_ok']}. Their content ids differ by design "
          f"(`stain_backend` is part of the settings hashed: {cmp['ids'][0][:12]} / {cmp['ids'][1][:12]}), "
          "so a feature cache made from one store is not taken for the other. The batched store made with "
-         f"threads equals the one made in one thread: {m['cmp1']['identical'] == 1.0} "
+         f"worker processes equals the one made in this process: {m['cmp1']['identical'] == 1.0} "
          f"(content ids {'equal' if m['cmp1']['ids'][0] == m['cmp1']['ids'][1] else 'differ'})."),
         "",
         (f"Machine: {machine()}; load average (1 min) {m['load0'][0]:.1f} at the start, {m['load1'][0]:.1f} at the end "
@@ -309,7 +330,9 @@ def report(args: argparse.Namespace, m: dict) -> str:
     lines += [
         "",
         (f"Done-when of issue 17 (batched `prepare` >= 2x the plain loop end to end on this CPU, {n} images): "
-         f"{verdict} ({ratio(bt[0])} end to end, {ratio(inproc[0])} in process without start-up). "
+         f"{verdict} ({ratio(bt[0])} end to end, the median of {len(m['ratios'])} interleaved rounds; "
+         f"{ratio(inproc[0])} in process without start-up). Pixels within 1 grey level on >= 99.9% of "
+         f"every set, same failure flags: {'met' if pbc_ok else '**not met**'}. "
          + (f"GPU: {gpu[0]:.0f} images/s (bar: 1,000)." if gpu else
             "The GPU figure (bar: 1,000 images/s) was not measured: no GPU here; "
             "`tests/test_stain_batch.py::test_cuda_matches_cpu` runs where CUDA exists.")),
@@ -322,6 +345,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--jtsc", type=int, default=300)
+    ap.add_argument("--n-validate", type=int, default=0, help="PBC-LT images checked against torchstain (0 = all)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved plain-loop / prepare rounds")
     ap.add_argument("--template", default="images/SNE/SNE_478479.jpg", help="relative to the PBC-LT folder")
     ap.add_argument("--size", type=int, default=368)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-prepare"))

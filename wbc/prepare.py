@@ -113,6 +113,12 @@ def _init_worker(parent: int | None = None) -> None:
     _exit_with_parent(parent or os.getppid())
 
 
+def _init_forked(parent: int) -> None:
+    """A forked worker of the batched CPU path: numpy, PIL and h5py only (no torch to set up)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(parent)
+
+
 def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
     """A worker must not outlive its parent (kill -9 of `wbc prepare` would leave it running):
     a daemon thread exits the process once it has been re-parented."""
@@ -281,8 +287,9 @@ def _prepare_locked(src: Source, out: Path, cfg: PrepareConfig, overwrite: bool,
     given_tpl = choose_template(src, cfg, None) if cfg.stain and cfg.template != "auto" else None
     torch_here = cfg.stain and (cfg.stain_backend == "torchstain" and workers == 0
                                 or cfg.stain_backend == "batched" and device != "cpu")
-    with StoreWriter(out, size=cfg.size, plan_id=plan_id, compression=cfg.compression, overwrite=overwrite) as w, \
-            _pool_ctx(workers, threads=cfg.stain_backend == "batched", torch_here=torch_here) as pool:
+    # The pool first: forked workers must not inherit the open store.
+    with _pool_ctx(workers, _pool_kind(cfg, device, workers), torch_here=torch_here) as pool, \
+            StoreWriter(out, size=cfg.size, plan_id=plan_id, compression=cfg.compression, overwrite=overwrite) as w:
         start = w.cursor
         if w.get_meta("listed") is None:
             w.add_skipped(src.problems)
@@ -361,14 +368,24 @@ def _row_runner(cfg: PrepareConfig, pool, job: tuple, device: str):
     return lambda tasks: _imap(pool, _prepare_task, ((i, b, job) for i, b in tasks))
 
 
-class _pool_ctx:
-    """A worker pool (or None for in-process work) that is shut down on any exit: processes, or
-    threads (the batched backend: its work releases the GIL)."""
+def _pool_kind(cfg: PrepareConfig, device: str, workers: int) -> str:
+    """'spawn' processes for torchstain (torch in each); for the batched backend 'fork' on the CPU
+    (numpy only: nothing to re-import, and each process compresses under its own HDF5 lock, where
+    threads share h5py's one), else 'threads' (a GPU: one torch, in this process)."""
+    if cfg.stain_backend != "batched":
+        return "spawn"
+    if device == "cpu" and workers > 1 and "fork" in mp.get_all_start_methods():
+        return "fork"
+    return "threads"
 
-    def __init__(self, workers: int, threads: bool = False, torch_here: bool = False):
+
+class _pool_ctx:
+    """A worker pool of `kind` (None for in-process work) that is shut down on any exit."""
+
+    def __init__(self, workers: int, kind: str = "spawn", torch_here: bool = False):
         self.pool = None
         self.threads = None
-        if workers == 0 or threads:
+        if workers == 0 or kind == "threads":
             if torch_here:
                 # In-process torch: one thread, as in a worker. With more, OpenMP threads spin on a
                 # busy machine (measured: 3x the CPU per image on 2 shared cores).
@@ -379,8 +396,10 @@ class _pool_ctx:
             if workers:
                 self.pool = ThreadPoolExecutor(workers, thread_name_prefix="wbc-prepare")
             return
-        self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(START_METHOD),
-                                        initializer=_init_worker, initargs=(os.getpid(),))
+        fork = kind == "fork"
+        ctx = mp.get_context("fork" if fork else START_METHOD)
+        init = _init_forked if fork else _init_worker
+        self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init, initargs=(os.getpid(),))
         # Start the workers now with SIGINT ignored (inherited): Ctrl-C during their slow start
         # (importing torch) must reach only this process, which commits and shuts down cleanly.
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -420,13 +439,15 @@ def _write_rows(w: StoreWriter, src: Source, label_index: dict, run, commit_ever
         skipped.clear()
 
     first = _stored_contents(w)
+    stored = w.n_rows  # counted here: reading the dataset's shape per image costs ~0.3 ms
     with progress() as bar:
         task = bar.add_task("prepare", total=n, completed=start, info="")
         for i, img, ok, sha, note in run(src.iter_bytes(start)):
             if img is not None and sha in first:  # one file listed twice (e.g. relative + absolute)
                 img, note = None, _duplicate_reason(first[sha], src.items[i])
             elif img is not None:
-                first[sha] = (w.n_rows + len(rows), src.items[i].path, src.items[i].label)
+                first[sha] = (stored, src.items[i].path, src.items[i].label)
+                stored += 1
             if img is None:
                 skipped.append((src.items[i].path, note))
                 log.warning("skipped %s: %s", src.items[i].path, note)

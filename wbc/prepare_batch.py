@@ -1,11 +1,12 @@
-"""`prepare`'s batched backend: threads decode, normalise, resize and compress; rows come back in
-source order, as `prepare._prepare_task` gives them.
+"""`prepare`'s batched backend: each task decodes, normalises, resizes and compresses a chunk of
+images; rows come back in source order, as `prepare._prepare_task` gives them.
 
-Threads, not processes: decoding and resizing (PIL), hashing, numpy's array loops, torch's kernels
-and h5py's compression all release the GIL, and a thread starts in microseconds where a spawned
-worker re-imports its modules. Each chunk of `batch` items is one task. On the CPU the normaliser
-is `wbc.stain_np.NumpyMacenko`, image by image (no torch import: a process start costs ~0.5 s
-instead of ~3.5 s); on a GPU it is `wbc.stain_batch.BatchMacenko`, on batches of equal size.
+On the CPU the normaliser is `wbc.stain_np.NumpyMacenko`, image by image, and the tasks run in
+forked worker processes (`prepare._pool_kind`): no torch to import (a process start costs ~0.5 s
+instead of ~3.5 s), nothing re-imported after the fork, and each process compresses under its
+own HDF5 lock (h5py serialises every call behind one lock per process, so threads could not
+compress two images at once: 1.75x the plain loop with threads, ~2x with processes). On a GPU it
+is `wbc.stain_batch.BatchMacenko` on batches of equal size, in threads of this process.
 """
 
 from __future__ import annotations
