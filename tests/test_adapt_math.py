@@ -126,14 +126,44 @@ def test_em_recovers_shifted_priors():
                                atol=0.03)
 
 
-def test_review_rule_leaves_the_asked_coverage():
+def test_review_rule_leaves_at_least_the_asked_coverage():
+    """Each score flags half the budget of its reference: independent scores leave 0.95^2 of the
+    cells, scores that agree leave 95%; never less than the 90% asked."""
     rng = np.random.default_rng(0)
     conf, ood = rng.uniform(size=2000), rng.normal(size=2000)
     rule = choose_review(conf, ood, 0.9)
-    assert rule.achieved == pytest.approx(0.9, abs=0.005)
+    assert (conf < rule.conf_min).mean() == pytest.approx(0.05, abs=0.001)
+    assert (ood > rule.ood_max).mean() == pytest.approx(0.05, abs=0.001)
+    assert rule.achieved == pytest.approx(0.95 * 0.95, abs=0.01) and rule.achieved >= 0.9
     assert 1 - rule.flags(conf, ood).mean() == pytest.approx(rule.achieved)
+    same = choose_review(conf, -conf, 0.9)  # one ordering: the two halves flag the same cells
+    assert same.achieved == pytest.approx(0.95, abs=0.001)
     only_conf = choose_review(conf, None, 0.95)
     assert only_conf.conf_min == pytest.approx(0.05, abs=0.01)
+
+
+def test_review_rule_reads_the_ood_threshold_from_its_reference():
+    rng = np.random.default_rng(1)
+    conf, ood = rng.uniform(size=500), rng.normal(size=500)
+    ref = rng.normal(2.0, 1.0, 5000)
+    rule = choose_review(conf, ood, 0.9, ood_reference=(ref, None))
+    assert rule.ood_max == pytest.approx(np.quantile(ref, 0.95), abs=0.01)
+    assert (conf < rule.conf_min).mean() == pytest.approx(0.05, abs=0.003)
+
+
+def test_out_of_fold_ood_scores_each_fold_without_it():
+    from wbc.adapt.reference import out_of_fold_ood
+
+    rng = np.random.default_rng(2)
+    y = np.tile(np.arange(3), 100)
+    x = rng.normal(size=(300, 6)) + 2 * np.eye(3, 6)[y]
+    folds = np.repeat(np.arange(3), 100)
+    got = out_of_fold_ood(x, y, folds, 3)
+    for k in range(3):  # independently: fit on the other folds, score fold k
+        m = fit_mahalanobis(x[folds != k], y[folds != k], 3)
+        np.testing.assert_allclose(got[folds == k], m.score(x[folds == k]))
+    assert got.mean() > fit_mahalanobis(x, y, 3).score(x).mean()  # in-sample scores run small
+    assert out_of_fold_ood(x, y, np.zeros(300, int), 3) is None
 
 
 def test_review_rule_class_balanced_coverage_transfers_to_a_balanced_set():

@@ -34,6 +34,23 @@ class MemberReference:
     val_fold: int
     val_logits: np.ndarray | None = None  # (Nv, K, C): temperature calibration
     val_labels: np.ndarray | None = None
+    oof_ood: np.ndarray | None = None  # (Nt,) training cells, each scored by a model fit without its fold
+    oof_labels: np.ndarray | None = None
+
+
+def out_of_fold_ood(feats: np.ndarray, labels: np.ndarray, folds: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """Mahalanobis score of each training cell (feats (N, D), view-averaged) under a model fit on
+    the other training folds; None with fewer than two folds. In-sample scores would be too small
+    (the model was fit on those cells); these are slightly large (fit on one fold less), which
+    offsets the optimism of a validation fold that also chose the early-stopping epochs."""
+    ks = np.unique(folds)
+    if len(ks) < 2:
+        return None
+    out = np.empty(len(labels))
+    for k in ks:
+        held = folds == k
+        out[held] = fit_mahalanobis(feats[~held], labels[~held], num_classes).score(feats[held])
+    return out
 
 
 def member_reference(member: Member) -> MemberReference:
@@ -66,9 +83,10 @@ def member_reference(member: Member) -> MemberReference:
         logits = load_head(member.head).logits(vf)
     else:
         logits = cache.read("stage1_logits", val_rows).astype(np.float32)
+    oof = out_of_fold_ood(avg, y, fold[train_rows], c)
     return MemberReference(src, maha, class_means, view_probs(logits), maha.score(vf),
                            np.asarray(cache.index)[val_rows], int(val), np.asarray(logits, np.float32),
-                           labels[val_rows].astype(np.int64))
+                           labels[val_rows].astype(np.int64), oof, None if oof is None else y.astype(np.int64))
 
 
 def review_rule(refs: list[MemberReference], coverage: float) -> tuple[ReviewRule, str]:
@@ -80,13 +98,20 @@ def review_rule(refs: list[MemberReference], coverage: float) -> tuple[ReviewRul
         ood = np.mean([r.val_ood for r in refs], axis=0)
         labels = refs[0].val_labels
         how = f"ensemble on validation fold {refs[0].val_fold} ({len(ood)} cells)"
+        ood_ref = None
+        if all(r.oof_ood is not None for r in refs) and labels is not None:  # same cache rows: same folds
+            ood_ref = (np.concatenate([np.mean([r.oof_ood for r in refs], axis=0), ood]),
+                       np.concatenate([refs[0].oof_labels, labels]))
+            how += f", OOD threshold on {len(ood_ref[0])} cells (training folds out-of-fold + validation)"
     else:
         probs = np.concatenate([r.val_probs for r in refs])
         ood = np.concatenate([r.val_ood for r in refs])
         labels = None if any(r.val_labels is None for r in refs) else np.concatenate([r.val_labels for r in refs])
         how = "members on their own validation folds, pooled (no fold is held out from all members)"
+        ood_ref = None
         log.warning("review thresholds: %s", how)
-    return choose_review(probs.max(axis=1), ood, coverage, labels), how + (", classes weighted equally" if labels is not None else "")
+    rule = choose_review(probs.max(axis=1), ood, coverage, labels, ood_reference=ood_ref)
+    return rule, how + (", classes weighted equally" if labels is not None else "")
 
 
 def save_arrays(path: Path, **arrays: np.ndarray) -> Path:
