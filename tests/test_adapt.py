@@ -296,3 +296,45 @@ def test_guard_skips_adabn_and_alignment_on_in_domain_cells(env, tmp_path):
     foreign = target_set(tmp_path / "t", he=OTHER_HE)
     res = adapt(foreign, env.ensemble, tmp_path / "x.yaml", AdaptConfig(zoom="off", device="cpu"))
     assert res.doc["steps"]["shift"]["shifted"] and res.doc["steps"]["bn"]["enabled"]
+
+
+def test_adabn_with_the_source_mix_uses_the_weighted_draw(env, tmp_path):
+    """--mix source: BatchNorm statistics of a weighted draw of the target cells (weights from the
+    plain-AdaBN model's own predictions, to the training class mix); --mix none: of every cell once.
+    Both recomputed here step by step from the library's pieces."""
+    from wbc.adapt.mix import mix_weights, weighted_draw
+    from wbc.adapt.pipeline import _prepared, load_target, target_paths
+    from wbc.adapt.reference import member_reference
+    from wbc.adapt.steps import embed_all, member_logits
+    from wbc.ensemble import view_probs
+
+    target = target_set(tmp_path / "t", he=OTHER_HE)
+    ens = load_ensemble(env.ensemble)
+    spec = ens.members[0]
+    images, _, _, _ = load_target(target_paths(target), ens.provenance)
+    x = _prepared(images, 1.0, int(ens.provenance["settings"]["size"]))
+    per = max(2, min(32, 64 // len(ens.views)))
+
+    def bn_means(path):
+        m, _ = load_checkpoint(path)
+        return torch.cat([b.running_mean for b in bn_layers(m)])
+
+    def reest(index=None):
+        m, meta = load_checkpoint(spec.checkpoint)
+        reestimate(m, view_batches(x, meta["data_config"], ens.views, per, torch.device("cpu"), index))
+        return m, meta
+
+    for mix in ("none", "source"):
+        out = tmp_path / mix / "a.yaml"
+        res = adapt(target, env.ensemble, out, AdaptConfig(zoom="off", align="none", priors=False, guard=False,
+                                                           mix=mix, device="cpu"))
+        got = bn_means(out.parent / res.doc["members"][0]["checkpoint"])
+        m, meta = reest()
+        if mix == "source":
+            feats = embed_all(m, meta, x, ens.views, torch.device("cpu"), 32)
+            pred = view_probs(member_logits(spec, m, feats, torch.device("cpu"))).argmax(1)
+            m, _ = reest(weighted_draw(mix_weights(pred, member_reference(spec).train_mix), 0))
+            assert "mix_of_target" in res.doc["steps"]["bn"]["members"][0]
+        want = torch.cat([b.running_mean for b in bn_layers(m)])
+        torch.testing.assert_close(got, want)
+        assert res.doc["steps"]["align"]["mix"] == mix

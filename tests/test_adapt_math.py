@@ -227,3 +227,35 @@ def test_prototypes_follow_shifted_classes():
     assert (prototype_probs(x, cent).argmax(1) == y).mean() > 0.97
     unit = tgt_means / np.linalg.norm(tgt_means, axis=1, keepdims=True)
     assert np.allclose(cent, unit, atol=0.05)
+
+
+def test_mix_weights_restore_the_source_class_mix():
+    """Weighted, the predicted classes of the target take the source's frequencies (renormalised
+    over the classes predicted at all); the weights average 1."""
+    from wbc.adapt.mix import mix_weights, source_mix, weighted_draw
+
+    pi_s = source_mix(np.r_[np.zeros(60, int), np.ones(30, int), np.full(10, 2), np.full(5, 3)], 5)
+    np.testing.assert_allclose(pi_s, [60 / 105, 30 / 105, 10 / 105, 5 / 105, 0])
+    pred = np.r_[np.zeros(10, int), np.ones(40, int), np.full(50, 2)]  # class 3 never predicted
+    w = mix_weights(pred, pi_s)
+    assert w.mean() == pytest.approx(1.0)
+    got = np.array([w[pred == k].sum() for k in range(3)]) / w.sum()
+    np.testing.assert_allclose(got, pi_s[:3] / pi_s[:3].sum())
+    draw = weighted_draw(w, seed=0)
+    assert len(draw) == 200 and np.all(np.diff(draw) >= 0)
+    share = np.bincount(pred[draw], minlength=3) / len(draw)
+    np.testing.assert_allclose(share, pi_s[:3] / pi_s[:3].sum(), atol=0.08)
+    np.testing.assert_array_equal(draw, weighted_draw(w, seed=0))
+
+
+def test_weighted_moments_match_numpy():
+    from wbc.adapt.align import moments
+
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(40, 3, 5)), rng.uniform(size=40)
+    m = moments(x, chunk=7, weights=w)
+    flat, ww = x.reshape(-1, 5), np.repeat(w, 3)
+    np.testing.assert_allclose(m.mean, np.average(flat, axis=0, weights=ww))
+    np.testing.assert_allclose(m.cov, np.cov(flat.T, aweights=ww))
+    plain = moments(x, chunk=7)
+    np.testing.assert_allclose(plain.cov, np.cov(flat.T))

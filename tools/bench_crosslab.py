@@ -104,7 +104,8 @@ def report_row(report_dir: Path) -> dict:
 
 
 def ladder(name: str, manifest: Path, ens: Path, label_map, extra: bool) -> list[dict]:
-    """As is, zoom auto, + AdaBN, + alignment, all (priors), + prototypes [CORAL, AdaBN without zoom].
+    """As is, zoom auto, + AdaBN, + alignment, all (priors), + prototypes, forced past the guard
+    [CORAL, AdaBN without zoom], and AdaBN / alignment on the target's own class mix (--mix none).
 
     Every adapt variant writes the same ADAPTED.yaml path, so they share its AdaBN checkpoint and
     target embeddings (reused when source, target images, zoom and views match): one BN pass and
@@ -131,9 +132,14 @@ def ladder(name: str, manifest: Path, ens: Path, label_map, extra: bool) -> list
     variant("+ alignment (mean/std)", AdaptConfig(priors=False))
     variant("all (+ target priors)", AdaptConfig(priors=True))
     variant("all + prototypes", AdaptConfig(prototypes=True))
+    variant("+ alignment, forced (--no-guard)", AdaptConfig(priors=False, guard=False))
     if extra:
         variant("all, CORAL instead of mean/std", AdaptConfig(align="coral", priors=True))
         variant("AdaBN only, no zoom", AdaptConfig(zoom="off", align="none", priors=False))
+    # the target's own class mix (before wbc.adapt.mix): AdaBN and alignment on marginal statistics
+    variant("+ AdaBN, --mix none", AdaptConfig(align="none", priors=False, mix="none"))
+    variant("+ alignment, --mix none", AdaptConfig(priors=False, mix="none"))
+    variant("+ alignment, --mix none, forced (--no-guard)", AdaptConfig(priors=False, mix="none", guard=False))
     # the default, as a lab runs it (no backbone pass: AdaBN and embeddings are reused)
     run(["adapt", manifest, "--ensemble", ens, "--out", adapted])
     return rows
@@ -252,7 +258,10 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
         lines.append(f"| {name} | {r['n']} | {r['n_flagged']} | {pct(r['coverage'])}% | {pct(r['acc_all'])} | "
                      f"{pct(r['acc_unflagged'])} | {pct(r['mf1_all'])} | {pct(r['mf1_unflagged'])} | "
                      f"{pct(at50['acc'])} | {pct(at90['acc'])} | {sel['risk_coverage']['aurc']:.3f} |")
-    lines += ["", ("Defaults of `wbc adapt`: zoom auto, AdaBN, mean/std alignment (the '+ alignment' row); target "
+    lines += ["", ("Defaults of `wbc adapt`: zoom auto, AdaBN, mean/std alignment (the '+ alignment' row), both on "
+              "target cells weighted to the training class mix by the model's own predictions (`--mix source`; "
+              "the '--mix none' rows take the target's own mix, as before), and only where the target is shifted "
+              "(the guard; 'forced' rows run past it); target "
               "priors (`--priors`) and prototypes (`--prototypes`) are options. `review` flags a cell whose "
               "confidence is low OR whose ood_score is high; 'acc at 50%/90% coverage' ranks by confidence alone."),
               "", "### Commands (wall time)", "", "```"]

@@ -28,18 +28,25 @@ class Moments:
     n: int
 
 
-def moments(feats, chunk: int = 4096) -> Moments:
+def moments(feats, chunk: int = 4096, weights: np.ndarray | None = None) -> Moments:
     """Mean, std and covariance of (N, D) or (N, K, D) embeddings (every view is a sample),
-    accumulated in float64 over row chunks (a cache need not fit in memory as float64)."""
+    accumulated in float64 over row chunks (a cache need not fit in memory as float64).
+    weights (N,): per row (each of its views gets it), e.g. to re-weight a class mix; the
+    covariance is then the weighted one with the unbiased (reliability-weights) correction."""
     d = feats.shape[-1]
-    s, ss, n = np.zeros(d), np.zeros((d, d)), 0
+    k = int(np.prod(feats.shape[1:-1])) if feats.ndim > 2 else 1
+    w_all = np.ones(len(feats)) if weights is None else np.asarray(weights, np.float64)
+    s, ss, n, sw, sw2 = np.zeros(d), np.zeros((d, d)), 0, 0.0, 0.0
     for a in range(0, len(feats), chunk):
         x = np.asarray(feats[a: a + chunk], np.float64).reshape(-1, d)
-        s += x.sum(0)
-        ss += x.T @ x
+        w = np.repeat(w_all[a: a + chunk], k)
+        s += w @ x
+        ss += (x * w[:, None]).T @ x
         n += len(x)
-    mean = s / n
-    cov = (ss - n * np.outer(mean, mean)) / max(n - 1, 1)
+        sw += w.sum()
+        sw2 += (w * w).sum()
+    mean = s / sw
+    cov = (ss - sw * np.outer(mean, mean)) / max(sw - sw2 / sw, 1e-12)
     return Moments(mean, np.sqrt(np.clip(np.diag(cov), 0, None)), cov, n)
 
 

@@ -64,14 +64,16 @@ def reestimate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 
 
 def view_batches(images: np.ndarray, data_config: dict, views: list[str], batch_size: int,
-                 device: torch.device) -> Iterable[torch.Tensor]:
+                 device: torch.device, index: np.ndarray | None = None) -> Iterable[torch.Tensor]:
     """Stored-size images (N, S, S, 3) uint8 -> normalised (b*K, 3, H, W) batches, every view,
-    each batch the crops of `batch_size` images under all K views (as extraction forwards them)."""
+    each batch the crops of `batch_size` images under all K views (as extraction forwards them).
+    index: the rows to use, in order, repeats allowed (a weighted draw); default every row."""
     from wbc.data import crop_images, normalize
     from wbc.views import apply_views
 
-    for a in range(0, len(images), batch_size):
-        crops = crop_images(images[a: a + batch_size], data_config).to(device)
+    index = np.arange(len(images)) if index is None else np.asarray(index)
+    for a in range(0, len(index), batch_size):
+        crops = crop_images(images[index[a: a + batch_size]], data_config).to(device)
         x = normalize(crops, data_config["mean"], data_config["std"])
         yield apply_views(x, views)
 

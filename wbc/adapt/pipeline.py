@@ -36,6 +36,9 @@ class AdaptConfig:
     zoom: str = "auto"  # "auto" (estimated), "off" (1) or a number
     bn: bool = True
     align: str = "meanstd"  # "meanstd", "coral" or "none"
+    # AdaBN and alignment on target cells weighted to the training class mix by pseudo-labels
+    # (wbc.adapt.mix); "none": the target's own mix, as before
+    mix: str = "source"
     shrink: float = 0.1  # CORAL covariance shrinkage towards the diagonal
     # Off by default: EM assumes pure label shift (p(x|y) unchanged), which another lab's cells violate
     # even after AdaBN, so source-calibrated posteriors mislead it (BENCHMARKS: it lowered JTSC MF1).
@@ -219,7 +222,8 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
                             "n_clamped": stats["n_stain_clamped"], "clamp": stats["stain_clamp_on"]},
                   "zoom": zoom_doc, "shift": shift_doc,
                   "bn": {"enabled": cfg.bn, "members": [m.pop("bn_doc") for m in members]},
-                  "align": {"enabled": cfg.align != "none", "method": cfg.align, "shrink": cfg.shrink},
+                  "align": {"enabled": cfg.align != "none", "method": cfg.align, "shrink": cfg.shrink,
+                            "mix": cfg.mix},
                   "priors": pri_doc, "prototypes": proto_doc},
         "review": review,
         "predicted": _counts(probs, ens.class_names),

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from wbc.adapt.align import Moments, moments
+from wbc.adapt.mix import source_mix
 from wbc.ensemble import Member
 from wbc.errors import WbcError
 from wbc.fsutil import atomic_write
@@ -36,6 +37,7 @@ class MemberReference:
     val_labels: np.ndarray | None = None
     oof_ood: np.ndarray | None = None  # (Nt,) training cells, each scored by a model fit without its fold
     oof_labels: np.ndarray | None = None
+    train_mix: np.ndarray | None = None  # (C,) class frequencies of the training rows (wbc.adapt.mix)
 
 
 def out_of_fold_ood(feats: np.ndarray, labels: np.ndarray, folds: np.ndarray, num_classes: int) -> np.ndarray | None:
@@ -86,7 +88,8 @@ def member_reference(member: Member) -> MemberReference:
     oof = out_of_fold_ood(avg, y, fold[train_rows], c)
     return MemberReference(src, maha, class_means, view_probs(logits), maha.score(vf),
                            np.asarray(cache.index)[val_rows], int(val), np.asarray(logits, np.float32),
-                           labels[val_rows].astype(np.int64), oof, None if oof is None else y.astype(np.int64))
+                           labels[val_rows].astype(np.int64), oof, None if oof is None else y.astype(np.int64),
+                           source_mix(y, c))
 
 
 def review_rule(refs: list[MemberReference], coverage: float) -> tuple[ReviewRule, str]:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from wbc.adapt.align import fit_alignment, moments
+from wbc.adapt.mix import mix_weights
 from wbc.adapt.reference import member_reference, review_rule, save_arrays
 from wbc.config import file_sha256
 from wbc.ensemble import Member
@@ -32,8 +33,10 @@ def _reusable(path: Path, source: Path, prov: dict) -> dict | None:
 
 
 def adabn_member(spec: Member, x: np.ndarray, views: list[str], cfg, dev, out: Path, target_id: str,
-                 zoom: float = 1.0):
-    """(model, its checkpoint path, bn provenance) for one member; AdaBN when cfg.bn."""
+                 zoom: float = 1.0, ref=None):
+    """(model, its checkpoint path, bn provenance) for one member; AdaBN when cfg.bn, on target
+    cells weighted to the training class mix when cfg.mix == 'source' (ref: the member's
+    reference, for that mix)."""
     from wbc.adapt.bn import bn_layers, reestimate, save_adapted, view_batches
     from wbc.backbones import load_checkpoint
 
@@ -46,15 +49,27 @@ def adabn_member(spec: Member, x: np.ndarray, views: list[str], cfg, dev, out: P
         return model, meta, spec.checkpoint, {"enabled": False, "note": note}
     # Images per forward: each gives K views; ~64 crops per batch keeps BN's batch statistics sound.
     per = max(2, min(cfg.batch_size, 64 // max(len(views), 1) or 2))
+    mix = cfg.mix == "source" and ref is not None and ref.train_mix is not None
     prov = {"target_id": target_id, "n_images": len(x), "views": list(views), "batch_images": per,
-            "zoom": zoom}
+            "zoom": zoom, "mix": "source" if mix else "none", **({"seed": cfg.seed} if mix else {})}
     path = out / f"{spec.name}.adabn.pt"
     reused = _reusable(path, spec.checkpoint, prov)
     if reused is not None:  # the same source, target images, zoom and views: identical statistics
         log.info("%s: AdaBN checkpoint %s reused (same source, target and zoom)", spec.name, path)
         model, meta = load_checkpoint(path, dev)
         return model, meta, path, {"enabled": True, "layers": len(bn_layers(model)), **reused}
-    prov["n_crops"] = reestimate(model, view_batches(x, meta["data_config"], views, per, dev))
+    index = None
+    if mix:  # a plain pass gives the pseudo-labels, then the statistics of the re-weighted draw
+        from wbc.adapt.mix import describe, mix_weights, weighted_draw
+        from wbc.ensemble import view_probs
+
+        reestimate(model, view_batches(x, meta["data_config"], views, per, dev))
+        feats = embed_all(model, meta, x, views, dev, cfg.batch_size)
+        pred = view_probs(member_logits(spec, model, feats, dev)).argmax(1)
+        index = weighted_draw(mix_weights(pred, ref.train_mix), cfg.seed)
+        prov["mix_of_target"] = describe(pred, ref.train_mix, list(meta["class_names"]))
+        model, meta = load_checkpoint(spec.checkpoint, dev)
+    prov["n_crops"] = reestimate(model, view_batches(x, meta["data_config"], views, per, dev, index))
     path = save_adapted(spec.checkpoint, model, path, prov)
     log.info("%s: AdaBN on %d images x %d views -> %s", spec.name, len(x), len(views), path)
     return model, meta, path, {"enabled": True, "layers": len(bn_layers(model)), **prov}
@@ -137,7 +152,7 @@ def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: fl
     docs, probs, oods = [], [], []
     refs = list(refs) if refs is not None else [member_reference(spec) for spec in ens.members]
     for spec, ref in zip(ens.members, refs):
-        model, meta, ckpt, bn_doc = adabn_member(spec, x, ens.views, cfg, dev, files, target_id, zoom)
+        model, meta, ckpt, bn_doc = adabn_member(spec, x, ens.views, cfg, dev, files, target_id, zoom, ref)
         key = _target_key(ckpt, target_id, zoom, ens.views, len(x))
         feats = embed_all(model, meta, x, ens.views, dev, cfg.batch_size, files / f"{spec.name}.target.npz", key)
         if not np.isfinite(feats).all():
@@ -146,7 +161,11 @@ def adapt_members(ens, x: np.ndarray, files: Path, cfg, target_id: str, zoom: fl
                   "src_cov": ref.source.cov.astype(np.float32),
                   "maha_whiten": ref.maha.whiten, "maha_centres": ref.maha.centres}
         if cfg.align != "none":
-            align = fit_alignment(ref.source, moments(feats), cfg.align, cfg.shrink)
+            weights = None
+            if cfg.mix == "source" and ref.train_mix is not None:  # pseudo-labels: the model as adapted so far
+                pred = view_probs(member_logits(spec, model, feats, dev)).argmax(1)
+                weights = mix_weights(pred, ref.train_mix)
+            align = fit_alignment(ref.source, moments(feats, weights=weights), cfg.align, cfg.shrink)
             feats = align.apply(feats)
             arrays.update(align.arrays())
         # EM needs calibrated posteriors (Alexandari et al. 2020: "bias-corrected calibration" then

@@ -27,6 +27,9 @@ def adapt(
     align: Annotated[str, typer.Option(help="Feature alignment onto the training embeddings: meanstd, "
                                        "coral or none.")] = "meanstd",
     no_align: Annotated[bool, typer.Option("--no-align", help="Same as --align none.")] = False,
+    mix: Annotated[str, typer.Option(help="Class mix of the target statistics for AdaBN and alignment: 'source' "
+                                     "(target cells weighted to the training mix by the model's own predictions) "
+                                     "or 'none' (the target's own mix).")] = "source",
     priors: Annotated[bool, typer.Option(help="Re-weight by the target's class priors, estimated by EM on "
                                          "calibrated posteriors (assumes only the class mix changed).")] = False,
     prototypes: Annotated[bool, typer.Option(help="Classify by class prototypes re-estimated on the target's "
@@ -46,11 +49,13 @@ def adapt(
 
     if align not in ("meanstd", "coral", "none"):
         raise WbcError(f"--align must be meanstd, coral or none, got {align!r}")
+    if mix not in ("source", "none"):
+        raise WbcError(f"--mix must be source or none, got {mix!r}")
     if not 0 < coverage <= 1:
         raise WbcError(f"--coverage must be in (0, 1], got {coverage}")
     if batch_size < 1 or max_images < 1:
         raise WbcError("--batch-size and --max-images must be positive")
-    cfg = AdaptConfig(zoom="off" if no_zoom else zoom, bn=not no_bn, align="none" if no_align else align,
+    cfg = AdaptConfig(zoom="off" if no_zoom else zoom, bn=not no_bn, align="none" if no_align else align, mix=mix,
                       priors=priors, prototypes=prototypes, coverage=coverage, max_images=max_images,
                       batch_size=batch_size, device=device, guard=not no_guard)
     res = run(target, ensemble, out, cfg)
@@ -66,6 +71,7 @@ def adapt(
         console.print(f"shift: {100 * sh['share_beyond_val95']:.0f}% of cells beyond the in-domain 95th percentile of "
                       f"ood_score -> {'shifted: adapting' if sh['shifted'] else 'in-domain: AdaBN and alignment skipped'}")
     console.print(f"AdaBN: {'on' if steps['bn']['enabled'] else 'off'}; alignment: {steps['align']['method']}; "
+                  f"class mix: {steps['align'].get('mix', 'none')}; "
                   f"priors: {'on' if steps['priors']['enabled'] else 'off'}; "
                   f"prototypes: {'on' if steps['prototypes']['enabled'] else 'off'}")
     console.print(f"review: confidence < {d['review']['conf_min']:.3f} or ood_score > {d['review']['ood_max']:.2f} "
