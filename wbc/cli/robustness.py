@@ -63,5 +63,6 @@ def robustness(
         t.add_row(s["row"], f"{100 * s['clean_mf1']:.1f}", f"{100 * s['mean_mf1']:.1f}",
                   f"{s['worst']} ({100 * s['worst_mf1']:.1f})")
     console.print(t)
-    console.print(f"{len(res.extracted)} degraded groups extracted, {len(res.reused)} reused; "
-                  f"report: {res.paths['md']}  plot: {res.paths['png']}")
+    how = (f"{len(res.extracted)} degraded groups extracted, {len(res.reused)} reused" if not res.adapted
+           else "adapted ensemble: every image through its members (no cache)")
+    console.print(f"{how}; report: {res.paths['md']}  plot: {res.paths['png']}")

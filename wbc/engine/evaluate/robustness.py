@@ -44,6 +44,7 @@ class RobustnessResult:
     paths: dict[str, Path] = field(default_factory=dict)
     extracted: list[str] = field(default_factory=list)  # "member: group" written this run
     reused: list[str] = field(default_factory=list)  # "member: group" read back
+    adapted: bool = False  # an ADAPTED.yaml, scored through the images
 
 
 class Degrader:
@@ -224,6 +225,7 @@ def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Pat
         from wbc.engine.evaluate.robustness_adapted import adapted_probs
 
         ens, per_member, rows, all_rows, views = adapted_probs(ensemble_path, store, degs, sevs, cfg)
+        result.adapted = True
         groups = {(d, s): None for d in degs for s in sevs}
     else:
         ens = load_ensemble(Path(ensemble_path))
@@ -250,7 +252,7 @@ def robustness(ensemble_path: str | Path, store_path: str | Path, out: str | Pat
                 "n_test": len(all_rows), "views": views, "degradations": degs, "severities": [0, *sevs],
                 "max_images": cfg.max_images, "seed": cfg.seed, "class_names": list(ens.class_names),
                 "groups": {f"{d}/{s}": g for (d, s), g in groups.items() if g},
-                "adapted": is_adapted(ensemble_path),
+                "adapted": result.adapted,
                 "stain": store.provenance.get("stain")}
     result.paths = write_robustness_report(result.rows, result.records, result.summary, settings, Path(out))
     return result
