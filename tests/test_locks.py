@@ -141,10 +141,12 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_kill_9_of_prepare_leaves_no_worker_running(tmp_path):
-    src = write_image_folder(tmp_path / "src", classes=("A", "B"), n_per_class=30, size=96)
+@pytest.mark.parametrize("backend", ["torchstain", "batched"])  # spawned / forked worker processes
+def test_kill_9_of_prepare_leaves_no_worker_running(tmp_path, backend):
+    n = 30 if backend == "torchstain" else 300  # the forked numpy workers are fast: give them work
+    src = write_image_folder(tmp_path / "src", classes=("A", "B"), n_per_class=n, size=96)
     out = tmp_path / "s.h5"
-    p = popen("prepare", src, "--out", out, "--workers", "2", "--stain-backend", "torchstain")  # processes
+    p = popen("prepare", src, "--out", out, "--workers", "2", "--stain-backend", backend, "--device", "cpu")
     try:
         t0 = time.monotonic()
         while len(kids := [k for k in _children(p.pid) if _alive(k)]) < 2:
