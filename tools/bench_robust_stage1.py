@@ -65,6 +65,17 @@ def stage1(args, work: Path, name: str) -> Path:
     return best
 
 
+def _cache_done(zarr: Path, ckpt: Path) -> bool:
+    from wbc.cache import open_cache
+    from wbc.errors import WbcError
+
+    try:
+        open_cache(zarr, checkpoint=ckpt)
+        return True
+    except WbcError:
+        return False
+
+
 def _complete(best: Path) -> bool:
     from wbc.backbones import load_file
 
@@ -159,7 +170,8 @@ def score(args, work: Path, name: str, ckpt: Path) -> dict:
         return add_zoomed(args, work, json.loads(res_path.read_text()))
     t0 = time.perf_counter()
     zarr = work / "features" / f"{name}.zarr"
-    extract(ckpt, args.store, zarr, ExtractConfig(views="identity", device="cpu", workers=0))
+    if not _cache_done(zarr, ckpt):  # a row interrupted after its extraction resumes from the cache
+        extract(ckpt, args.store, zarr, ExtractConfig(views="identity", device="cpu", workers=0))
     (run,) = crt(zarr, work / "crt" / name, fold=0, config=HeadConfig(loss=LossSpec("cb_focal_hybrid", 0.99, 2.0, 1.0)))
     rows, _ = evaluate_table([ModelSpec(name, (zarr,), (run.head_path,))], [0], ensembles=False)
     test = next(r for r in rows if r.kind != "supervised")
