@@ -278,8 +278,8 @@ def test_robustness_of_an_adapted_file_scores_as_predict_does(env, tmp_path):
 
 
 def test_guard_skips_adabn_and_alignment_on_in_domain_cells(env, tmp_path):
-    """The source's own images (the ones its store was prepared from) are not shifted: AdaBN and alignment are skipped and the
-    probabilities are the plain ensemble's; --no-guard (guard=False) forces them. A foreign stain
+    """The source's own images (the ones its store was prepared from) are not shifted: AdaBN,
+    alignment, priors and prototypes are skipped and the probabilities are the plain ensemble's; --no-guard (guard=False) forces them. A foreign stain
     counts as shifted."""
     from wbc.engine.evaluate.predict import predict
 
@@ -291,6 +291,11 @@ def test_guard_skips_adabn_and_alignment_on_in_domain_cells(env, tmp_path):
     assert res.doc["config"]["bn"] and res.doc["config"]["align"] == "meanstd"  # what was asked
     plain = predict(target, env.ensemble, tmp_path / "p.csv", device="cpu")
     np.testing.assert_allclose(res.probs, plain.probs, atol=1e-5)
+    asked = adapt(target, env.ensemble, tmp_path / "q.yaml", AdaptConfig(zoom="off", device="cpu", priors=True,
+                                                                        prototypes=True))
+    assert not asked.doc["steps"]["priors"]["enabled"] and not asked.doc["steps"]["prototypes"]["enabled"]
+    assert asked.doc["config"]["priors"] and asked.doc["config"]["prototypes"]
+    np.testing.assert_allclose(asked.probs, plain.probs, atol=1e-5)
     forced = adapt(target, env.ensemble, tmp_path / "f.yaml", AdaptConfig(zoom="off", device="cpu", guard=False))
     assert forced.doc["steps"]["bn"]["enabled"] and not forced.doc["steps"]["shift"]["enabled"]
     foreign = target_set(tmp_path / "t", he=OTHER_HE)

@@ -83,7 +83,7 @@ def test_augment_comma_list_composes_in_order():
     x = disk()
     torch.manual_seed(1)
     assert train_transform("scale,none")(x).shape == x.shape
-    for bad in ("scale,blur", "scale,,none", ""):
+    for bad in ("scale,blur", "scale,,none", "", "randaugment,degradations", "scale,scale"):
         with pytest.raises(WbcError, match="--augment"):
             train_transform(bad)
 

@@ -262,7 +262,7 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
               "target cells weighted to the training class mix by the model's own predictions (`--mix source`; "
               "the '--mix none' rows take the target's own mix, as before), and only where the target is shifted "
               "(the guard; 'forced' rows run past it); target "
-              "priors (`--priors`) and prototypes (`--prototypes`) are options. `review` flags a cell whose "
+              "priors (`--priors`) and prototypes (`--prototypes`) are options, skipped by the guard too. `review` flags a cell whose "
               "confidence is low OR whose ood_score is high; 'acc at 50%/90% coverage' ranks by confidence alone."),
               "", "### Commands (wall time)", "", "```"]
     lines += [f"{cmd}   # {t:.0f} s" for cmd, t in LOG]

@@ -37,7 +37,8 @@ RECIPES = {  # name -> (augment, recipe)
     "scale-degr": ("scale,degradations", "paper"),
     "lp-ft": ("randaugment", "lp-ft"),
     "scale": ("scale,randaugment", "paper"),
-    "degr": ("randaugment,degradations", "paper"),
+    # rows measured before 2026-12-07 ran "randaugment,degradations" (RandAugment twice); now refused
+    "degr": ("degradations", "paper"),
 }
 DEGS, SEVERITY, N_DEGRADED = ("stain_jitter", "gaussian_blur"), 3, 300
 ZOOMS = (1 / 1.6, 1.6)  # cells 1.6x smaller / larger in the frame
@@ -364,7 +365,7 @@ def report(args, work: Path) -> str:
 
 lite0 (`--pretrained package`), fold 0 of `{args.store}`, {args.epochs} epochs, crop {args.crop}, batch 32,
 lr 3e-4, CPU (one torch thread). Rows: `paper` (RandAugment, the default), `scale-degr` (`--augment
-scale,degradations`), `lp-ft` (`--recipe lp-ft`), `scale` (`--augment scale,randaugment`), `degr` (`--augment randaugment,degradations`); `-aA` is
+scale,degradations`), `lp-ft` (`--recipe lp-ft`), `scale` (`--augment scale,randaugment`), `degr` (`--augment degradations`: RandAugment, then damage; rows measured before 2026-12-07 ran `randaugment,degradations`, RandAugment twice); `-aA` is
 `wbc interpolate --alpha A` of that run (a1 = the fine-tuned checkpoint itself); `frozen` is `wbc train
 --recipe frozen-pretrained` (ImageNet backbone + linear probe, epoch 0). Every row: `wbc extract --views
 identity`, `wbc crt --fold 0 --beta 0.99 --gamma 2 --lam 1` (val = its fold-0 validation MF1), `wbc

@@ -69,6 +69,12 @@ def parse_augment(spec: str) -> list[str]:
         if n not in AUGMENTS:
             raise WbcError(f"--augment {spec!r}: unknown augmentation {n!r}; choose from "
                            f"{', '.join(AUGMENTS.names())} (or a comma list of them)")
+    # `degradations` runs RandAugment itself: listing both would apply it twice (four ops, not two)
+    runs = [m for n in names for m in (("randaugment", "degradations") if n == "degradations" else (n,))]
+    twice = sorted({m for m in runs if runs.count(m) > 1 and m != "none"})
+    if twice:
+        raise WbcError(f"--augment {spec!r} applies {' and '.join(twice)} twice (degradations includes "
+                       f"randaugment); e.g. scale,degradations or degradations")
     return names
 
 

@@ -45,8 +45,9 @@ class AdaptConfig:
     priors: bool = False
     prototypes: bool = False  # nearest-centroid on target prototypes (wbc.adapt.protos); off: see BENCHMARKS
     coverage: float = 0.95  # in-domain fraction left un-flagged by `review`
-    # AdaBN and alignment only when the target is measurably shifted (wbc.adapt.steps.measure_shift):
-    # on in-domain cells with another class mix they cost 13-17 Macro-F1 points (BENCHMARKS).
+    # AdaBN, alignment, priors and prototypes only when the target is measurably shifted
+    # (wbc.adapt.steps.measure_shift): on in-domain cells with another class mix they cost 4-17
+    # Macro-F1 points (BENCHMARKS).
     guard: bool = True
     max_images: int = 2000  # target images used (a seeded sample beyond it): memory and time
     scale_images: int = 200  # images measured per side for the zoom estimate
@@ -195,15 +196,17 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
     files = out.with_name(out.stem + ".files")
     asked = cfg
     shift_doc, refs = {"enabled": False}, None
-    if cfg.guard and (cfg.bn or cfg.align != "none"):
+    if cfg.guard and (cfg.bn or cfg.align != "none" or cfg.priors or cfg.prototypes):
         from wbc.adapt.steps import measure_shift
 
         shift_doc, refs = measure_shift(ens, x, cfg, files, stats["target_id"], zoom_doc["zoom"])
         if not shift_doc["shifted"]:
             log.warning("target looks in-domain (%.0f%% of cells beyond the in-domain 95th percentile of "
-                        "ood_score, threshold %.0f%%): AdaBN and alignment skipped (--no-guard forces them)",
+                        "ood_score, threshold %.0f%%): AdaBN, alignment, priors and prototypes skipped "
+                        "(--no-guard forces them)",
                         100 * shift_doc["share_beyond_val95"], 100 * shift_doc["threshold"])
-            cfg = replace(cfg, bn=False, align="none")
+            # priors and prototypes too: on clean PBC-LT test cells they cost 7.7 / 4.2 points (BENCHMARKS)
+            cfg = replace(cfg, bn=False, align="none", priors=False, prototypes=False)
     members, member_probs, review, ood = adapt_members(ens, x, files, cfg, stats["target_id"], zoom_doc["zoom"], refs)
     pri_doc, probs = fit_priors(member_probs.mean(axis=0), cfg.priors, ens.class_names)
     proto_doc = {"enabled": cfg.prototypes}

@@ -34,8 +34,9 @@ def adapt(
                                          "calibrated posteriors (assumes only the class mix changed).")] = False,
     prototypes: Annotated[bool, typer.Option(help="Classify by class prototypes re-estimated on the target's "
                                              "embeddings (nearest centroid).")] = False,
-    no_guard: Annotated[bool, typer.Option("--no-guard", help="Run AdaBN and alignment even when the target "
-                                           "looks in-domain (by default they are skipped there: they cost accuracy).")] = False,
+    no_guard: Annotated[bool, typer.Option("--no-guard", help="Run AdaBN, alignment, priors and prototypes even "
+                                           "when the target looks in-domain (by default they are skipped there: "
+                                           "they cost accuracy).")] = False,
     coverage: Annotated[float, typer.Option(help="Fraction of in-domain validation cells left un-flagged "
                                             "by `review`.")] = 0.95,
     max_images: Annotated[int, typer.Option(help="Target images used at most (a seeded sample beyond).")] = 2000,
