@@ -22,6 +22,7 @@ from wbc.adapt.bundle import load_adapted
 from wbc.backbones import load_checkpoint
 from wbc.config import file_sha256
 from wbc.ensemble import load_ensemble
+from wbc.errors import WbcError
 
 WBC = str(Path(sys.executable).with_name("wbc"))
 OTHER_HE = np.stack([np.array([0.3, 0.9, 0.3]) / np.linalg.norm([0.3, 0.9, 0.3]),
@@ -114,7 +115,7 @@ def test_labels_in_the_target_csv_are_never_read(env, tmp_path):
 def test_adapted_file_round_trips_and_refuses_changed_files(env, tmp_path):
     target = target_set(tmp_path / "t")
     out = tmp_path / "ad" / "adapted.yaml"
-    res = adapt(target, env.ensemble, out, AdaptConfig(zoom="1.5", align="coral", priors=True))
+    res = adapt(target, env.ensemble, out, AdaptConfig(zoom="1.5", align="coral", priors=True, prototypes="off"))
     ens, ad = load_adapted(out)
     assert ad.zoom == 1.5 and ad.priors is not None and ad.members[0].alignment.method == "coral"
     assert ad.review.coverage == 0.95
@@ -152,16 +153,20 @@ def test_ood_score_is_higher_for_another_stain_and_shuffled_pixels(env, tmp_path
     assert np.median(ood["shuffled"]) > np.median(ood["same"])
 
 
-@pytest.mark.parametrize("case", ["empty", "unreadable", "one"])
+@pytest.mark.parametrize("case", ["empty", "unreadable", "one", "bad-prototypes"])
 def test_bad_target_is_one_line_and_exit_2(env, tmp_path, case):
     t = tmp_path / "t"
     t.mkdir()
+    extra = []
     if case == "unreadable":
         for i in range(3):
             (t / f"{i}.png").write_bytes(b"not an image")
     if case == "one":
         Image.fromarray(cell(np.random.default_rng(0), 0)).save(t / "0.png")
-    r = run_wbc("adapt", t, "--ensemble", env.ensemble, "--out", tmp_path / "a.yaml")
+    if case == "bad-prototypes":
+        t = target_set(tmp_path / "t2")
+        extra = ["--prototypes", "sometimes"]
+    r = run_wbc("adapt", t, "--ensemble", env.ensemble, "--out", tmp_path / "a.yaml", *extra)
     assert r.returncode == 2, r.stderr
     err = (r.stdout + r.stderr).strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -195,14 +200,14 @@ def test_adaptation_with_every_step_off_changes_nothing(env, tmp_path):
 
     target = target_set(tmp_path / "t")
     out = tmp_path / "off.yaml"
-    adapt(target, env.ensemble, out, AdaptConfig(zoom="off", bn=False, align="none", priors=False))
+    adapt(target, env.ensemble, out, AdaptConfig(zoom="off", bn=False, align="none", priors=False, prototypes="off"))
     a = predict(tmp_path / "t" / "img", out, tmp_path / "a.csv", device="cpu")
     b = predict(tmp_path / "t" / "img", env.ensemble, tmp_path / "b.csv", device="cpu")
     np.testing.assert_array_equal(a.probs, b.probs)
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
 
 
-@pytest.mark.parametrize("protos", [False, True])
+@pytest.mark.parametrize("protos", ["off", "only", "blend"])
 def test_predict_with_the_adapted_file_gives_what_adapt_computed(env, tmp_path, protos):
     """The probabilities adapt reports on its target equal predict's with the ADAPTED.yaml (all steps)."""
     from wbc.engine.evaluate.predict import predict
@@ -210,9 +215,27 @@ def test_predict_with_the_adapted_file_gives_what_adapt_computed(env, tmp_path, 
     target = target_set(tmp_path / "t")
     out = tmp_path / "ad.yaml"
     res = adapt(target, env.ensemble, out, AdaptConfig(zoom="0.8", align="coral", priors=True, prototypes=protos))
-    assert res.doc["steps"]["prototypes"]["enabled"] == protos
+    assert res.doc["steps"]["shift"]["shifted"]  # a foreign stain: the guard lets every step run
+    assert res.doc["steps"]["prototypes"]["enabled"] == (protos != "off")
+    assert res.doc["steps"]["prototypes"]["mode"] == protos
     pred = predict(target, out, tmp_path / "p.csv", device="cpu")
     np.testing.assert_allclose(pred.probs, res.probs, atol=1e-5)
+
+
+def test_prototype_blend_is_the_mean_of_head_and_prototype_probabilities(env, tmp_path):
+    """--prototypes blend = (head probabilities + prototype probabilities) / 2, per cell, from the
+    same AdaBN statistics and alignment (the runs share the seeded draw); rows still sum to 1."""
+    target = target_set(tmp_path / "t", he=OTHER_HE)
+    got = {}
+    for mode in ("off", "only", "blend"):
+        got[mode] = adapt(target, env.ensemble, tmp_path / mode / "a.yaml",
+                          AdaptConfig(zoom="off", device="cpu", guard=False, prototypes=mode)).probs
+    assert np.abs(got["only"] - got["off"]).max() > 1e-3  # the prototypes did act
+    np.testing.assert_allclose(got["blend"], (got["off"] + got["only"]) / 2, atol=1e-5)
+    np.testing.assert_allclose(got["blend"].sum(axis=1), 1.0, atol=1e-5)
+    with pytest.raises(WbcError, match="--prototypes"):
+        AdaptConfig(prototypes="sometimes")
+    assert AdaptConfig(prototypes=True).prototypes == "only" and AdaptConfig(prototypes=False).prototypes == "off"
 
 
 def _mf1s(records: list[dict]) -> dict:
@@ -229,7 +252,7 @@ def test_robustness_of_an_adapted_file_without_steps_equals_the_plain_ensemble(e
 
     target = target_set(tmp_path / "t")
     out = tmp_path / "ad.yaml"
-    adapt(target, env.ensemble, out, AdaptConfig(zoom="off", bn=False, align="none", priors=False, guard=False))
+    adapt(target, env.ensemble, out, AdaptConfig(zoom="off", bn=False, align="none", priors=False, prototypes="off", guard=False))
     r = run_wbc("robustness", env.store_path, "--ensemble", out, "--out", tmp_path / "rob",
                 "--degradation", "gaussian_blur", "--degradation", "stain_jitter", "--severities", "2,4")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -286,7 +309,7 @@ def test_guard_skips_adabn_and_alignment_on_in_domain_cells(env, tmp_path):
     target = env.images
     res = adapt(target, env.ensemble, tmp_path / "g.yaml", AdaptConfig(zoom="off", device="cpu"))
     shift = res.doc["steps"]["shift"]
-    assert shift["enabled"] and not shift["shifted"] and shift["share_beyond_val95"] <= 0.25
+    assert shift["enabled"] and not shift["shifted"] and shift["share_beyond_val95"] <= shift["threshold"]
     assert not res.doc["steps"]["bn"]["enabled"] and res.doc["steps"]["align"]["method"] == "none"
     assert res.doc["config"]["bn"] and res.doc["config"]["align"] == "meanstd"  # what was asked
     plain = predict(target, env.ensemble, tmp_path / "p.csv", device="cpu")

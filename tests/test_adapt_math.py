@@ -259,3 +259,19 @@ def test_weighted_moments_match_numpy():
     np.testing.assert_allclose(m.cov, np.cov(flat.T, aweights=ww))
     plain = moments(x, chunk=7)
     np.testing.assert_allclose(plain.cov, np.cov(flat.T))
+
+
+@pytest.mark.parametrize("n_val", [6, 40, 488])
+def test_in_domain_share_matches_a_simulation(n_val):
+    """The guard's in-domain baseline: the share of fresh draws above np.quantile(val, 0.95) of
+    n_val draws from the same distribution, averaged over many validation sets (Monte Carlo)."""
+    from wbc.adapt.steps import in_domain_share
+
+    rng = np.random.default_rng(0)
+    val = rng.standard_normal((4000, n_val))
+    q = np.quantile(val, 0.95, axis=1)
+    fresh = rng.standard_normal((4000, 200))
+    share = (fresh > q[:, None]).mean()
+    # exact at integer ranks; between them numpy interpolates values, not ranks: within 8%
+    assert abs(share - in_domain_share(n_val)) < 0.08 * share
+    assert abs(in_domain_share(10**6) - 0.05) < 1e-4

@@ -3,8 +3,8 @@
 On one Stage-1 run (lite0 on PBC-LT, fold 0) with its cRT head (the validation-best loss,
 beta 0.99, gamma 2, lam 1):
   1. JTSC (another lab; SNE,BNE -> NE), the ladder: as is -> + zoom auto -> + AdaBN -> + feature
-     alignment (mean/std) -> all (+ target priors by EM); MF1 / BAcc per step; plus AdaBN without
-     zoom and CORAL instead of mean/std. No step reads a JTSC label; labels only score.
+     alignment (mean/std) -> + prototype blend (the default); prototypes alone, target priors by EM,
+     past the guard, the target's own class mix; plus AdaBN without zoom and CORAL. No step reads a JTSC label; labels only score.
   2. PBC-LT held-out test, clean and degraded (`wbc.degrade`, after Macenko, seed = store row),
      a stratified subset written as PNGs: the same ladder with AdaBN estimated on those images.
   3. PBC-LT clean test from the cache with adaptation off (the source files are never modified,
@@ -13,7 +13,7 @@ beta 0.99, gamma 2, lam 1):
 Knobs (environment): CKPT, CACHE, STORE, JTSC (manifest), OUT (default cache/xlab-bench),
 SECTION (BENCHMARKS.md section, default crosslab; TITLE its heading's tail, e.g. the model),
 MAX_IMAGES (PBC-LT subset, default 200), DEGRADED (name:severity,... default
-stain_jitter:4,gaussian_blur:3), PBC_VIEWS (views of the PBC-LT ladders, default identity,rot90: CPU
+stain_jitter:4,gaussian_blur:3,jpeg:4,gaussian_noise:3,illumination:4), PBC_VIEWS (views of the PBC-LT ladders, default identity,rot90: CPU
 time), SKIP_EXTRA=1 (no CORAL / AdaBN-without-zoom rows on JTSC), SKIP_PBC=1 (JTSC only).
 """
 
@@ -43,7 +43,7 @@ STORE = Path(os.environ.get("STORE", MAIN / "images/pbc-lt.h5"))
 JTSC = Path(os.environ.get("JTSC", ROOT.parent / "shared" / "data" / "jtsc" / "manifest.csv"))
 OUT = Path(os.environ.get("OUT", ROOT / "cache/xlab-bench"))
 MAX_IMAGES = int(os.environ.get("MAX_IMAGES", "200"))
-DEGRADED = os.environ.get("DEGRADED", "stain_jitter:4,gaussian_blur:3")
+DEGRADED = os.environ.get("DEGRADED", "stain_jitter:4,gaussian_blur:3,jpeg:4,gaussian_noise:3,illumination:4")
 PBC_VIEWS = os.environ.get("PBC_VIEWS", "identity,rot90")  # PBC-LT ladders: 4x cheaper than d4 on CPU
 # SUBSET="train,val,test" rows: extract an own cache of a stratified subset (when the full cache is
 # not there or CPU time is short); VIEWS: the ensemble's views; HEAD: crt or stage1.
@@ -126,20 +126,24 @@ def ladder(name: str, manifest: Path, ens: Path, label_map, extra: bool) -> list
         s = res.doc["steps"]
         rows.append({"step": step, **score(res, manifest, class_names(ens), label_map),
                      "zoom": s["zoom"]["zoom"], "stain": s["stain"], "priors": s["priors"].get("target"),
-                     "zoom_estimate": s["zoom"]["estimate"]})
+                     "zoom_estimate": s["zoom"]["estimate"],
+                     "shift": s["shift"] if s["shift"].get("enabled") else None})
 
-    variant("+ AdaBN", AdaptConfig(align="none", priors=False))
-    variant("+ alignment (mean/std)", AdaptConfig(priors=False))
-    variant("all (+ target priors)", AdaptConfig(priors=True))
-    variant("all + prototypes", AdaptConfig(prototypes=True))
-    variant("+ alignment, forced (--no-guard)", AdaptConfig(priors=False, guard=False))
+    off = "off"
+    variant("+ AdaBN", AdaptConfig(align="none", prototypes=off))
+    variant("+ alignment (mean/std)", AdaptConfig(prototypes=off))
+    variant("+ prototype blend (the default)", AdaptConfig())
+    variant("+ prototypes only", AdaptConfig(prototypes="only"))
+    variant("+ alignment + target priors", AdaptConfig(priors=True, prototypes=off))
+    variant("default, forced (--no-guard)", AdaptConfig(guard=False))
+    variant("+ alignment, forced (--no-guard)", AdaptConfig(guard=False, prototypes=off))
     if extra:
-        variant("all, CORAL instead of mean/std", AdaptConfig(align="coral", priors=True))
-        variant("AdaBN only, no zoom", AdaptConfig(zoom="off", align="none", priors=False))
+        variant("default, CORAL instead of mean/std", AdaptConfig(align="coral"))
+        variant("AdaBN only, no zoom", AdaptConfig(zoom="off", align="none", prototypes=off))
     # the target's own class mix (before wbc.adapt.mix): AdaBN and alignment on marginal statistics
-    variant("+ AdaBN, --mix none", AdaptConfig(align="none", priors=False, mix="none"))
-    variant("+ alignment, --mix none", AdaptConfig(priors=False, mix="none"))
-    variant("+ alignment, --mix none, forced (--no-guard)", AdaptConfig(priors=False, mix="none", guard=False))
+    variant("+ AdaBN, --mix none", AdaptConfig(align="none", mix="none", prototypes=off))
+    variant("+ alignment, --mix none", AdaptConfig(mix="none", prototypes=off))
+    variant("+ alignment, --mix none, forced (--no-guard)", AdaptConfig(mix="none", guard=False, prototypes=off))
     # the default, as a lab runs it (no backbone pass: AdaBN and embeddings are reused)
     run(["adapt", manifest, "--ensemble", ens, "--out", adapted])
     return rows
@@ -231,14 +235,14 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
              "| step | zoom | MF1 | BAcc | acc |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {r.get('zoom') or 1} | {pct(r['mf1'])} | {pct(r['bacc'])} | {pct(r.get('acc'))} |"
               for r in jtsc]
-    last = next(r for r in jtsc if r["step"].startswith("all (+"))  # the row with the EM priors
+    last = next(r for r in jtsc if "target priors" in r["step"])  # the row with the EM priors
     lines += ["", stain_line("JTSC", last.get("stain")), zoom_line(last.get("zoom_estimate")),
-              f"Target priors (EM): {last.get('priors')}", ""]
+              f"Target priors (EM): {last.get('priors')}", guard_line(jtsc), ""]
     for name, rows in pbc.items():
         lines += [f"### PBC-LT test, {name} ({rows[0]['n']} cells, views {PBC_VIEWS}, adapted on those images)", "",
                   "| step | zoom | MF1 | BAcc |", "|---|---:|---:|---:|"]
         lines += [f"| {r['step']} | {r.get('zoom') or 1} | {pct(r['mf1'])} | {pct(r['bacc'])} |" for r in rows]
-        lines += ["", stain_line(name, rows[-1].get("stain")), ""]
+        lines += ["", stain_line(name, rows[-1].get("stain")), guard_line(rows), ""]
     lines += ["### PBC-LT clean test, adaptation off (from the cache)", "",
               (f"MF1 {pct(clean['mf1'])}, BAcc {pct(clean['bacc'])} on {clean['n']} cells: `wbc adapt` writes new "
               "files and never modifies the source checkpoint, head or cache, so this cannot change."), "",
@@ -258,16 +262,25 @@ def render(jtsc: list[dict], pbc: dict[str, list[dict]], clean: dict, seconds: f
         lines.append(f"| {name} | {r['n']} | {r['n_flagged']} | {pct(r['coverage'])}% | {pct(r['acc_all'])} | "
                      f"{pct(r['acc_unflagged'])} | {pct(r['mf1_all'])} | {pct(r['mf1_unflagged'])} | "
                      f"{pct(at50['acc'])} | {pct(at90['acc'])} | {sel['risk_coverage']['aurc']:.3f} |")
-    lines += ["", ("Defaults of `wbc adapt`: zoom auto, AdaBN, mean/std alignment (the '+ alignment' row), both on "
-              "target cells weighted to the training class mix by the model's own predictions (`--mix source`; "
-              "the '--mix none' rows take the target's own mix, as before), and only where the target is shifted "
-              "(the guard; 'forced' rows run past it); target "
-              "priors (`--priors`) and prototypes (`--prototypes`) are options, skipped by the guard too. `review` flags a cell whose "
+    lines += ["", ("Defaults of `wbc adapt`: zoom auto, AdaBN, mean/std alignment, both on target cells weighted to "
+              "the training class mix by the model's own predictions (`--mix source`; the '--mix none' rows take "
+              "the target's own mix), and the mean of the head's and the target prototypes' probabilities "
+              "(`--prototypes blend`; '+ alignment' rows: `--prototypes off`), all only where the target is "
+              "shifted (the guard; 'forced' rows run past it); target priors (`--priors`) are an option. `review` flags a cell whose "
               "confidence is low OR whose ood_score is high; 'acc at 50%/90% coverage' ranks by confidence alone."),
               "", "### Commands (wall time)", "", "```"]
     lines += [f"{cmd}   # {t:.0f} s" for cmd, t in LOG]
     lines += ["```"]
     return "\n".join(lines)
+
+
+def guard_line(rows: list[dict]) -> str:
+    sh = next((r.get("shift") for r in rows if r.get("shift")), None)
+    if not sh:
+        return ""
+    return (f"Guard: {100 * sh['share_beyond_val95']:.1f}% of cells beyond the in-domain 95th percentile of "
+            f"ood_score (threshold {100 * sh['threshold']:.0f}%) -> "
+            f"{'shifted: every step runs' if sh['shifted'] else 'in-domain: the default keeps the plain ensemble'}.")
 
 
 def stain_line(name: str, stain: dict | None) -> str:

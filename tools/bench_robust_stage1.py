@@ -207,12 +207,14 @@ def add_adapted(args, work: Path, name: str) -> dict:
     ens = work / "ensembles" / f"{name}.yaml"
     zpath = work / "results" / "_jtsc_zoom.json"
     if not zpath.is_file():
-        res = adapt(args.jtsc, ens, work / "adapted" / name / "zoom.yaml", AdaptConfig(bn=False, align="none", device="cpu"))
+        res = adapt(args.jtsc, ens, work / "adapted" / name / "zoom.yaml", AdaptConfig(bn=False, align="none", prototypes="off",
+                                                                                         device="cpu"))
         zpath.write_text(json.dumps(res.doc["steps"]["zoom"], default=float))
     zoom = str(json.loads(zpath.read_text())["zoom"])
     out = {}
-    for key, cfg in (("jtsc_zoom", AdaptConfig(zoom=zoom, bn=False, align="none", device="cpu")),
-                     ("jtsc_adapted", AdaptConfig(zoom=zoom, device="cpu"))):
+    # "adapted": AdaBN + alignment as measured in the grid (before the prototype blend became the default)
+    for key, cfg in (("jtsc_zoom", AdaptConfig(zoom=zoom, bn=False, align="none", prototypes="off", device="cpu")),
+                     ("jtsc_adapted", AdaptConfig(zoom=zoom, prototypes="off", device="cpu"))):
         res = adapt(args.jtsc, ens, work / "adapted" / name / f"{key}.yaml", cfg)
         sc = score_adapted(res, Path(args.jtsc), res_classes(ens), args.label_map)
         out[f"{key}_mf1"] = float(sc["mf1"])

@@ -87,9 +87,7 @@ def resolve_zoom(zoom: float | str | None, adaptation: Adaptation, ensemble_path
 def member_scores(loaded, images: np.ndarray, views: list[str], device, adapt: MemberAdaptation):
     """loaded: `Member.load()`'s (model, meta, head); images (B, S, S, 3) uint8 -> (probs (B, C),
     ood (B,) or None)."""
-    from wbc.backbones import logits_from_embeddings
     from wbc.embed import embed_views
-    from wbc.ensemble import view_probs
 
     model, meta, head = loaded
     feats, stage1 = embed_views(model, images, meta["data_config"], views, device)
@@ -100,7 +98,17 @@ def member_scores(loaded, images: np.ndarray, views: list[str], device, adapt: M
     if adapt.prototypes is not None:
         from wbc.adapt.protos import TAU, prototype_probs
 
-        return prototype_probs(feats, adapt.prototypes, TAU), ood
+        pp = prototype_probs(feats, adapt.prototypes, TAU)
+        if not adapt.proto_blend:
+            return pp, ood
+        return (_head_probs(model, head, feats, stage1, device, adapt) + pp) / 2, ood
+    return _head_probs(model, head, feats, stage1, device, adapt), ood
+
+
+def _head_probs(model, head, feats: np.ndarray, stage1: np.ndarray, device, adapt: MemberAdaptation) -> np.ndarray:
+    from wbc.backbones import logits_from_embeddings
+    from wbc.ensemble import view_probs
+
     if head is not None:
         logits = head.logits(feats)
     elif adapt.alignment is not None:
@@ -109,7 +117,7 @@ def member_scores(loaded, images: np.ndarray, views: list[str], device, adapt: M
         logits = z.float().cpu().numpy()
     else:
         logits = stage1
-    return view_probs(logits, adapt.temperature), ood
+    return view_probs(logits, adapt.temperature)
 
 
 def score_images(ens, adaptation: Adaptation, paths: list[Path], zoom: float, batch_size: int = 32,

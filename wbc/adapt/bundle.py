@@ -9,7 +9,7 @@ steps:                               # each with `enabled` and its figures
   bn: {enabled, note}
   align: {enabled, method, shrink}
   priors: {enabled, source, target, iters, class_names}
-  prototypes: {enabled, tau, iters}  # nearest-centroid on target prototypes (then priors are in them)
+  prototypes: {enabled, mode (blend|only|off), tau, iters}  # nearest-centroid on target prototypes (then priors are in them)
 review: {coverage, conf_min, ood_max, achieved, n_val, how}
 members:                             # per ensemble member, in order
   - {name, checkpoint, checkpoint_sha256, temperature, arrays, arrays_sha256}
@@ -45,6 +45,7 @@ class MemberAdaptation:
     maha: Mahalanobis | None
     prototypes: np.ndarray | None = None  # (C, D) unit target prototypes: nearest-centroid probs
     temperature: float = 1.0  # of the member's view softmax (calibrated on source validation for EM)
+    proto_blend: bool = False  # True: the mean of the head's and the prototypes' probabilities
 
 
 @dataclass
@@ -96,9 +97,11 @@ def load_adapted(path: str | Path):
         ens.members[i] = replace(ens.members[i], checkpoint=ckpt, checkpoint_sha256=spec["checkpoint_sha256"])
         a = load_arrays(_checked(base, spec["arrays"], spec["arrays_sha256"], "arrays", path))
         align = Alignment.from_arrays(steps["align"]["method"], a) if steps["align"]["enabled"] else None
-        protos = a.get("proto_centres") if (steps.get("prototypes") or {}).get("enabled") else None
+        pdoc = steps.get("prototypes") or {}
+        protos = a.get("proto_centres") if pdoc.get("enabled") else None
         members.append(MemberAdaptation(align, Mahalanobis(a["maha_whiten"], a["maha_centres"]), protos,
-                                        float(spec.get("temperature", 1.0))))
+                                        float(spec.get("temperature", 1.0)),
+                                        pdoc.get("mode", "only") == "blend"))  # files before modes: "only"
     pri = steps["priors"]
     priors = (np.asarray(pri["target"]), np.asarray(pri["source"])) if pri["enabled"] else None
     if any(m.prototypes is not None for m in members):

@@ -27,6 +27,7 @@ from wbc.errors import WbcError
 from wbc.log import progress
 
 log = logging.getLogger(__name__)
+PROTO_MODES = ("blend", "only", "off")
 MIN_TARGET = 16  # BatchNorm statistics and target moments from fewer cells are noise
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
@@ -43,7 +44,11 @@ class AdaptConfig:
     # Off by default: EM assumes pure label shift (p(x|y) unchanged), which another lab's cells violate
     # even after AdaBN, so source-calibrated posteriors mislead it (BENCHMARKS: it lowered JTSC MF1).
     priors: bool = False
-    prototypes: bool = False  # nearest-centroid on target prototypes (wbc.adapt.protos); off: see BENCHMARKS
+    # Class prototypes re-estimated on the target (wbc.adapt.protos): "blend" averages their
+    # probabilities with the head's, "only" uses them alone, "off". On every shifted set measured
+    # (JTSC, blurred PBC-LT) they raised Macro-F1; alone they rank cells worse for review, so the
+    # default is the blend (BENCHMARKS "Prototype blend"). True / False mean "only" / "off".
+    prototypes: str = "blend"
     coverage: float = 0.95  # in-domain fraction left un-flagged by `review`
     # AdaBN, alignment, priors and prototypes only when the target is measurably shifted
     # (wbc.adapt.steps.measure_shift): on in-domain cells with another class mix they cost 4-17
@@ -54,6 +59,13 @@ class AdaptConfig:
     batch_size: int = 32
     device: str = "auto"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        mode = {True: "only", False: "off"}.get(self.prototypes, self.prototypes) \
+            if isinstance(self.prototypes, bool) else self.prototypes
+        if mode not in PROTO_MODES:
+            raise WbcError(f"--prototypes must be one of {', '.join(PROTO_MODES)}, got {self.prototypes!r}")
+        object.__setattr__(self, "prototypes", mode)
 
 
 @dataclass
@@ -196,7 +208,7 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
     files = out.with_name(out.stem + ".files")
     asked = cfg
     shift_doc, refs = {"enabled": False}, None
-    if cfg.guard and (cfg.bn or cfg.align != "none" or cfg.priors or cfg.prototypes):
+    if cfg.guard and (cfg.bn or cfg.align != "none" or cfg.priors or cfg.prototypes != "off"):
         from wbc.adapt.steps import measure_shift
 
         shift_doc, refs = measure_shift(ens, x, cfg, files, stats["target_id"], zoom_doc["zoom"])
@@ -206,14 +218,17 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
                         "(--no-guard forces them)",
                         100 * shift_doc["share_beyond_val95"], 100 * shift_doc["threshold"])
             # priors and prototypes too: on clean PBC-LT test cells they cost 7.7 / 4.2 points (BENCHMARKS)
-            cfg = replace(cfg, bn=False, align="none", priors=False, prototypes=False)
+            cfg = replace(cfg, bn=False, align="none", priors=False, prototypes="off")
     members, member_probs, review, ood = adapt_members(ens, x, files, cfg, stats["target_id"], zoom_doc["zoom"], refs)
     pri_doc, probs = fit_priors(member_probs.mean(axis=0), cfg.priors, ens.class_names)
-    proto_doc = {"enabled": cfg.prototypes}
-    if cfg.prototypes:
+    proto_doc = {"enabled": False, "mode": "off"}
+    if cfg.prototypes != "off":
         from wbc.adapt.steps import fit_member_prototypes
 
-        probs, proto_doc = fit_member_prototypes(members, probs)
+        pp, proto_doc = fit_member_prototypes(members, probs)  # fitted on the (prior-corrected) posteriors
+        # the blend's head half is the heads' own probabilities: priors live inside the prototypes
+        probs = pp if cfg.prototypes == "only" else (member_probs.mean(axis=0) + pp) / 2
+        proto_doc["mode"] = cfg.prototypes
     base = out.parent
     doc = {
         "format": "wbc.adapted/1",

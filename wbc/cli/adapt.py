@@ -32,8 +32,9 @@ def adapt(
                                      "or 'none' (the target's own mix).")] = "source",
     priors: Annotated[bool, typer.Option(help="Re-weight by the target's class priors, estimated by EM on "
                                          "calibrated posteriors (assumes only the class mix changed).")] = False,
-    prototypes: Annotated[bool, typer.Option(help="Classify by class prototypes re-estimated on the target's "
-                                             "embeddings (nearest centroid).")] = False,
+    prototypes: Annotated[str, typer.Option(help="Class prototypes re-estimated on the target's embeddings "
+                                            "(nearest centroid): 'blend' (mean of their and the head's "
+                                            "probabilities), 'only' or 'off'.")] = "blend",
     no_guard: Annotated[bool, typer.Option("--no-guard", help="Run AdaBN, alignment, priors and prototypes even "
                                            "when the target looks in-domain (by default they are skipped there: "
                                            "they cost accuracy).")] = False,
@@ -50,6 +51,8 @@ def adapt(
 
     if align not in ("meanstd", "coral", "none"):
         raise WbcError(f"--align must be meanstd, coral or none, got {align!r}")
+    if prototypes not in ("blend", "only", "off"):
+        raise WbcError(f"--prototypes must be blend, only or off, got {prototypes!r}")
     if mix not in ("source", "none"):
         raise WbcError(f"--mix must be source or none, got {mix!r}")
     if not 0 < coverage <= 1:
@@ -70,11 +73,11 @@ def adapt(
     sh = steps.get("shift") or {}
     if sh.get("enabled"):
         console.print(f"shift: {100 * sh['share_beyond_val95']:.0f}% of cells beyond the in-domain 95th percentile of "
-                      f"ood_score -> {'shifted: adapting' if sh['shifted'] else 'in-domain: AdaBN and alignment skipped'}")
+                      f"ood_score -> {'shifted: adapting' if sh['shifted'] else 'in-domain: AdaBN, alignment, priors and prototypes skipped'}")
     console.print(f"AdaBN: {'on' if steps['bn']['enabled'] else 'off'}; alignment: {steps['align']['method']}; "
                   f"class mix: {steps['align'].get('mix', 'none')}; "
                   f"priors: {'on' if steps['priors']['enabled'] else 'off'}; "
-                  f"prototypes: {'on' if steps['prototypes']['enabled'] else 'off'}")
+                  f"prototypes: {steps['prototypes'].get('mode', 'off') if steps['prototypes']['enabled'] else 'off'}")
     console.print(f"review: confidence < {d['review']['conf_min']:.3f} or ood_score > {d['review']['ood_max']:.2f} "
                   f"({100 * d['review']['achieved']:.1f}% of validation cells un-flagged)")
     console.print(f"predicted on the target: {d['predicted']}")
