@@ -51,8 +51,6 @@ def adapt(
 
     if align not in ("meanstd", "coral", "none"):
         raise WbcError(f"--align must be meanstd, coral or none, got {align!r}")
-    if prototypes not in ("blend", "only", "off"):
-        raise WbcError(f"--prototypes must be blend, only or off, got {prototypes!r}")
     if mix not in ("source", "none"):
         raise WbcError(f"--mix must be source or none, got {mix!r}")
     if not 0 < coverage <= 1:
