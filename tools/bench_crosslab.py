@@ -129,21 +129,20 @@ def ladder(name: str, manifest: Path, ens: Path, label_map, extra: bool) -> list
                      "zoom_estimate": s["zoom"]["estimate"],
                      "shift": s["shift"] if s["shift"].get("enabled") else None})
 
-    off = "off"
-    variant("+ AdaBN", AdaptConfig(align="none", prototypes=off))
-    variant("+ alignment (mean/std)", AdaptConfig(prototypes=off))
+    variant("+ AdaBN", AdaptConfig(align="none", prototypes="off"))
+    variant("+ alignment (mean/std)", AdaptConfig(prototypes="off"))
     variant("+ prototype blend (the default)", AdaptConfig())
     variant("+ prototypes only", AdaptConfig(prototypes="only"))
-    variant("+ alignment + target priors", AdaptConfig(priors=True, prototypes=off))
+    variant("+ alignment + target priors", AdaptConfig(priors=True, prototypes="off"))
     variant("default, forced (--no-guard)", AdaptConfig(guard=False))
-    variant("+ alignment, forced (--no-guard)", AdaptConfig(guard=False, prototypes=off))
+    variant("+ alignment, forced (--no-guard)", AdaptConfig(guard=False, prototypes="off"))
     if extra:
         variant("default, CORAL instead of mean/std", AdaptConfig(align="coral"))
-        variant("AdaBN only, no zoom", AdaptConfig(zoom="off", align="none", prototypes=off))
+        variant("AdaBN only, no zoom", AdaptConfig(zoom="off", align="none", prototypes="off"))
     # the target's own class mix (before wbc.adapt.mix): AdaBN and alignment on marginal statistics
-    variant("+ AdaBN, --mix none", AdaptConfig(align="none", mix="none", prototypes=off))
-    variant("+ alignment, --mix none", AdaptConfig(mix="none", prototypes=off))
-    variant("+ alignment, --mix none, forced (--no-guard)", AdaptConfig(mix="none", guard=False, prototypes=off))
+    variant("+ AdaBN, --mix none", AdaptConfig(align="none", mix="none", prototypes="off"))
+    variant("+ alignment, --mix none", AdaptConfig(mix="none", prototypes="off"))
+    variant("+ alignment, --mix none, forced (--no-guard)", AdaptConfig(mix="none", guard=False, prototypes="off"))
     # the default, as a lab runs it (no backbone pass: AdaBN and embeddings are reused)
     run(["adapt", manifest, "--ensemble", ens, "--out", adapted])
     return rows

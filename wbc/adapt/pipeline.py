@@ -221,14 +221,15 @@ def adapt(target: str | Path, ensemble_path: str | Path, out: str | Path,
             # priors and prototypes too: on clean PBC-LT test cells they cost 7.7 / 4.2 points (BENCHMARKS)
             cfg = replace(cfg, bn=False, align="none", priors=False, prototypes="off")
     members, member_probs, review, ood = adapt_members(ens, x, files, cfg, stats["target_id"], zoom_doc["zoom"], refs)
-    pri_doc, probs = fit_priors(member_probs.mean(axis=0), cfg.priors, ens.class_names)
+    head = member_probs.mean(axis=0)  # the ensemble's head probabilities, before priors
+    pri_doc, probs = fit_priors(head, cfg.priors, ens.class_names)
     proto_doc = {"enabled": False, "mode": "off"}
     if cfg.prototypes != "off":
         from wbc.adapt.steps import fit_member_prototypes
 
         pp, proto_doc = fit_member_prototypes(members, probs)  # fitted on the (prior-corrected) posteriors
         # the blend's head half is the heads' own probabilities: priors live inside the prototypes
-        probs = pp if cfg.prototypes == "only" else (member_probs.mean(axis=0) + pp) / 2
+        probs = pp if cfg.prototypes == "only" else (head + pp) / 2
         proto_doc["mode"] = cfg.prototypes
     base = out.parent
     doc = {
