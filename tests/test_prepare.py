@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -193,6 +194,32 @@ def test_interrupted_prepare_resumes(tmp_path, monkeypatch, backend):
     with pytest.raises(WbcError, match="already a complete store"):
         prepare_store(src, tmp_path / "s.h5", PrepareConfig(size=40, workers=0))
     np.testing.assert_array_equal(open_store(r.out).images(range(10)), open_store(full.out).images(range(10)))
+
+
+def test_resumed_store_keeps_the_codec_it_was_started_with(tmp_path, monkeypatch):
+    """A partial lzf store (made before zstd became the default) resumes as lzf: every chunk of
+    one store decodes with one filter, and no computed row is thrown away."""
+    import wbc.prepare_batch as prep_batch
+
+    src = write_image_folder(tmp_path / "src", ("A", "B"), 5)
+    cfg = PrepareConfig(size=48, workers=0, commit_every=4)
+    real = prep_batch.prepare_chunk
+
+    def dying(*args):
+        if 6 in [i for i, _ in args[-1]]:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(prep_batch, "prepare_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(src, tmp_path / "s.h5", replace(cfg, compression="lzf"))
+    monkeypatch.setattr(prep_batch, "prepare_chunk", real)
+    r = prepare_store(src, tmp_path / "s.h5", cfg)  # the default codec (zstd) asked
+    full = prepare_store(src, tmp_path / "full.h5", cfg)
+    s = open_store(r.out)
+    assert r.resumed_from == 4 and s.compression == "lzf" and open_store(full.out).compression == "zstd"
+    assert r.content_id == full.content_id  # the codec is not content
+    np.testing.assert_array_equal(s.images(range(10)), open_store(full.out).images(range(10)))
 
 
 def test_worker_pool_matches_in_process(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 reference, per image, on tiny synthetic images; padding, per-image failures, prepare's batched
 path through the installed `wbc` script, and CUDA where it exists."""
 
+import json
 import os
 import subprocess
 import sys
@@ -173,6 +174,11 @@ def test_cli_prepare_backends_agree(tmp_path):
     assert _agree(ia, ib) >= 0.999
     bad = _wbc("prepare", str(src), "--out", str(tmp_path / "x.h5"), "--stain-backend", "fast")
     assert bad.returncode == 2 and "unknown --stain-backend 'fast'" in bad.stderr
+    bad = _wbc("prepare", str(src), "--out", str(tmp_path / "x.h5"), "--compression", "lz5")
+    assert bad.returncode == 2 and "unknown --compression 'lz5'" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x.h5").exists()
+    info = _wbc("info", str(tmp_path / "batched.h5"), "--json")
+    assert info.returncode == 0 and json.loads(info.stdout)["compression"] == "zstd"
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.h5").exists()
 
 

@@ -114,10 +114,10 @@ def test_thread_encoder_writes_the_chunks_encode_image_writes(tmp_path):
     images = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8), np.full((24, 24, 3), 200, np.uint8)]
     images.append(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))  # another size: a new dataset
     for im in images:
-        for comp in ("lzf", None):
+        for comp in ("zstd", "lzf", None):
             a, b = _ENCODER.encode(im, comp), encode_image(im, comp)
             assert (a.data, a.filter_mask, a.size, a.compression) == (b.data, b.filter_mask, b.size, b.compression)
-    with StoreWriter(tmp_path / "s.h5", size=24, plan_id="p") as w:  # written raw, read by h5py's filter
+    with StoreWriter(tmp_path / "s.h5", size=24, plan_id="p", compression="lzf") as w:  # written raw, read by h5py's filter
         w.append([_ENCODER.encode(im, "lzf") for im in images[:2]], [0, 1], ["a", "b"], [True] * 2,
                  [""] * 2, [""] * 2, ["x", "y"])
         w.commit(2)

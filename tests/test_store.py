@@ -10,7 +10,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from tests.fixtures import make_images, make_tiny_store
 from wbc.errors import WbcError
-from wbc.store import ImageStore, StoreWriter, compute_content_id, open_store, write_split
+from wbc.store import (
+    ImageStore,
+    StoreWriter,
+    compression_of,
+    compute_content_id,
+    open_store,
+    write_split,
+)
 
 
 def _write(path, images, labels, paths, plan="p", finalize=True):
@@ -39,7 +46,8 @@ def test_round_trip(tmp_path):
     assert s.provenance["stain_matrix"] == np.eye(3, 2).tolist()
     assert s.content_id == compute_content_id([f"h{i}" for i in range(6)], labels, {"size": 32})
     with h5py.File(p) as f:
-        assert f["images"].chunks == (1, 32, 32, 3) and f["images"].compression == "lzf"
+        assert f["images"].chunks == (1, 32, 32, 3) and compression_of(f["images"]) == "zstd"
+    assert s.compression == "zstd"
     with pytest.raises(WbcError, match="no split"):
         _ = s.folds
     s.close()  # HDF5 refuses to reopen for writing a file this process holds open
@@ -148,12 +156,46 @@ def test_encoded_images_round_trip(tmp_path):
 
     images, labels, paths = make_images(["A", "B"], 2, 24, seed=2)
     w = StoreWriter(tmp_path / "e.h5", size=24, plan_id="p")
-    enc = [encode_image(im, "lzf") for im in images]
+    enc = [encode_image(im) for im in images]
     assert len(enc[0].data) < images[0].nbytes  # compressed off the writer
     w.append(enc, labels, paths, [True] * 4, [""] * 4, [""] * 4, list("abcd"))
     with pytest.raises(ValueError, match="store wants"):
-        w.append([encode_image(images[0], "gzip")], [0], ["x"], [True], [""], [""], ["e"])
+        w.append([encode_image(images[0], "lzf")], [0], ["x"], [True], [""], [""], ["e"])
     w.commit(4)
     w.finalize(["A", "B"], {}, {})
     w.close()
     np.testing.assert_array_equal(open_store(tmp_path / "e.h5").images(range(4)), images)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lzf", "gzip", "none"])
+def test_every_codec_round_trips_and_zstd_chunks_are_plain_zstd_frames(tmp_path, codec):
+    import numcodecs
+
+    from wbc.store import encode_image
+
+    images, labels, paths = make_images(["A", "B"], 2, 24, seed=3)
+    with StoreWriter(tmp_path / "c.h5", size=24, plan_id="p", compression=codec) as w:
+        assert w.compression == codec
+        w.append([encode_image(im, codec) for im in images], labels, paths, [True] * 4, [""] * 4,
+                 [""] * 4, list("abcd"))
+        w.commit(4)
+        w.finalize(["A", "B"], {}, {})
+    s = open_store(tmp_path / "c.h5")
+    assert s.compression == codec
+    np.testing.assert_array_equal(s.images(range(4)), images)
+    if codec == "zstd":  # an independent decoder (numcodecs' libzstd) reads the stored chunk
+        with h5py.File(tmp_path / "c.h5", "r") as f:
+            mask, raw = f["images"].id.read_direct_chunk((1, 0, 0, 0))
+        assert mask == 0
+        np.testing.assert_array_equal(np.frombuffer(numcodecs.Zstd().decode(raw), np.uint8).reshape(24, 24, 3),
+                                      images[1])
+
+
+def test_unknown_codec_refused(tmp_path):
+    from wbc.prepare import PrepareConfig
+
+    with pytest.raises(WbcError, match="unknown --compression 'lz5'"):
+        PrepareConfig(compression="lz5")
+    with pytest.raises(WbcError, match="unknown --compression"):
+        StoreWriter(tmp_path / "x.h5", size=8, plan_id="p", compression="lz5")
+    assert not (tmp_path / "x.h5").exists()

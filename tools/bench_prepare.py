@@ -13,7 +13,8 @@ On a seeded subset of `--n` PBC-LT images (template: a fixed PBC-LT image, by de
 2. the plain per-image torchstain loop in this process, one torch thread: PIL decode ->
    `normalize(stains=False)` -> resize to 368 (run before and after the prepares: load bracket);
 3. `wbc prepare SUBSET.csv --template T` through the installed script (process start-up
-   included), `--stain-backend torchstain`, then `batched --device cpu` (default workers: forked processes)
+   included), `--stain-backend torchstain`, then `batched --device cpu` (default workers: forked processes;
+   the default codec, zstd, and `--compression lzf`, the codec before it, interleaved with the loop)
    and the same with `--workers 0` (all in one thread);
 4. the normalisers alone on the decoded images (CPU; and CUDA at 368 px where available);
 5. the stores compared pixel by pixel (and their content ids).
@@ -182,6 +183,10 @@ def fixed_costs(paths: list[Path], size: int) -> dict:
     for im in small:
         _ENCODER.encode(im, "lzf")
     out["lzf"] = time.process_time() - c
+    c = time.process_time()
+    for im in small:
+        _ENCODER.encode(im, "zstd")
+    out["zstd"] = time.process_time() - c
     out = {k: 1000 * v / len(paths) for k, v in out.items()}
     t0, c0 = time.perf_counter(), cpu_seconds()
     code = "import sys, wbc.cli, wbc.prepare, wbc.prepare_batch; assert 'torch' not in sys.modules"
@@ -230,12 +235,17 @@ def measure(args: argparse.Namespace) -> dict:
     # The headline pair, interleaved: loop, prepare, loop, prepare, ..., loop; each prepare is
     # compared with the mean of the loops either side of it (the machine's load drifts).
     loops = [plain_loop(paths, template, args.size)]
-    bts = []
+    bts, lzfs = [], []
     for _ in range(args.rounds):
         bts.append(run_prepare(manifest, args.work / "batched.h5", template, args.size, "batched"))
+        lzfs.append(run_prepare(manifest, args.work / "batched-lzf.h5", template, args.size, "batched",
+                                "--compression", "lzf"))
         loops.append(plain_loop(paths, template, args.size))
-    m["loops"], m["bts"] = loops, bts
+    m["loops"], m["bts"], m["lzfs"] = loops, bts, lzfs
     m["ratios"] = [b[0] / ((loops[i][0] + loops[i + 1][0]) / 2) for i, b in enumerate(bts)]
+    m["lzf_ratios"] = [b[0] / ((loops[i][0] + loops[i + 1][0]) / 2) for i, b in enumerate(lzfs)]
+    m["kib"] = {k: os.path.getsize(args.work / f) / 1024 / len(paths)
+                for k, f in (("zstd", "batched.h5"), ("lzf", "batched-lzf.h5"))}
     med = int(np.argsort(m["ratios"])[len(bts) // 2])
     m["bt"] = bts[med]
     m["loop"] = ((loops[med][0] + loops[med + 1][0]) / 2, (loops[med][1] + loops[med + 1][1]) / 2)
@@ -257,6 +267,7 @@ def measure(args: argparse.Namespace) -> dict:
         m["gpu"] = alone(gb, sq * max(1, 2048 // len(sq)), 256)
     m["cmp"] = compare_stores(args.work / "torchstain.h5", args.work / "batched.h5")
     m["cmp1"] = compare_stores(args.work / "batched1.h5", args.work / "batched.h5")
+    m["cmp_lzf"] = compare_stores(args.work / "batched-lzf.h5", args.work / "batched.h5")
     m["load1"] = os.getloadavg()
     return m
 
@@ -273,7 +284,7 @@ def report(args: argparse.Namespace, m: dict) -> str:
         "",
         (f"{args.n} PBC-LT images (seeded subset), template `{args.template}`, {args.size} px, measured in one "
          "run. `wbc prepare` runs through the installed script (process start-up, template fit, "
-         "normalise, resize, lzf, HDF5 writes); the plain loop is PIL decode -> "
+         "normalise, resize, zstd compression (the store's default codec), HDF5 writes); the plain loop is PIL decode -> "
          "torchstain `normalize(stains=False)` -> resize, one process, one torch thread. On the CPU the "
          "batched backend is numpy (`wbc.stain_np`, no torch import) in forked worker processes (default "
          "`--workers`: one per core; each compresses under its own HDF5 lock). Pixel agreement is checked "
@@ -284,7 +295,8 @@ def report(args: argparse.Namespace, m: dict) -> str:
         f"| plain torchstain loop, each round (before the first prepare, after each) | {' / '.join(f'{x[0]:.1f}' for x in m['loops'])} | 1.00x | {loop[1]:.1f} |",
         f"| `wbc prepare --stain-backend torchstain` | {ts[0]:.1f} | {ratio(ts[0])} | {ts[1]:.1f} |",
         f"| `wbc prepare --stain-backend batched --device cpu`, each round | {' / '.join(f'{x[0]:.1f}' for x in m['bts'])} | {' / '.join(f'{r:.2f}x' for r in m['ratios'])} (median **{ratio(bt[0])}**) | {bt[1]:.1f} |",
-        f"| the same, `--workers 0` (one thread) | {bt1[0]:.1f} | {ratio(bt1[0])} | {bt1[1]:.1f} |",
+        f"| the same, `--compression lzf` (the codec before zstd), each round | {' / '.join(f'{x[0]:.1f}' for x in m['lzfs'])} | {' / '.join(f'{r:.2f}x' for r in m['lzf_ratios'])} (median {float(np.median(m['lzf_ratios'])):.2f}x) | {float(np.median([x[1] for x in m['lzfs']])):.1f} |",
+        f"| the same (zstd), `--workers 0` (one thread) | {bt1[0]:.1f} | {ratio(bt1[0])} | {bt1[1]:.1f} |",
         f"| `prepare_store(..., device='cpu')` in this process (no start-up) | {inproc[0]:.1f} | {ratio(inproc[0])} | {inproc[1]:.1f} |",
         f"| numpy normaliser alone (`NumpyMacenko`, decoded images) | {solo_np[0]:.1f} | - | {solo_np[1]:.1f} |",
         f"| torch batched normaliser alone (CPU, 1 thread, batches of 4) | {solo[0]:.1f} | - | {solo[1]:.1f} |",
@@ -306,11 +318,12 @@ def report(args: argparse.Namespace, m: dict) -> str:
         lines += ["", "Images with more than 1% of their pixels off by more than one level (numpy path): "
                   + "; ".join(offs) + "."]
     pbc_ok = all(v["within1"] >= 0.999 and not v["flag_diff"] for v in m["val"].values())
-    own = fixed["decode"] + fixed["resize"] + fixed["lzf"]
+    own = fixed["decode"] + fixed["resize"] + fixed["zstd"]
     lines += [
         "",
         (f"What every `prepare` pays besides Macenko, measured in this run (CPU ms per image, one thread): "
-         f"decode {fixed['decode']:.1f}, resize {fixed['resize']:.1f}, lzf compression {fixed['lzf']:.1f} "
+         f"decode {fixed['decode']:.1f}, resize {fixed['resize']:.1f}, zstd compression {fixed['zstd']:.1f} "
+         f"(lzf: {fixed['lzf']:.1f}) "
          f"({own:.1f} in all, against the plain loop's {loop[1]:.1f} for decode + torchstain + resize); process "
          f"start-up (the CLI and prepare, no torch) {fixed['startup_cpu']:.2f} s CPU, {fixed['startup_wall']:.2f} s wall; "
          f"`import torch` alone {fixed['torch_cpu']:.2f} s CPU, {fixed['torch_wall']:.2f} s wall."),
@@ -321,7 +334,10 @@ def report(args: argparse.Namespace, m: dict) -> str:
          f"(`stain_backend` is part of the settings hashed: {cmp['ids'][0][:12]} / {cmp['ids'][1][:12]}), "
          "so a feature cache made from one store is not taken for the other. The batched store made with "
          f"worker processes equals the one made in this process: {m['cmp1']['identical'] == 1.0} "
-         f"(content ids {'equal' if m['cmp1']['ids'][0] == m['cmp1']['ids'][1] else 'differ'})."),
+         f"(content ids {'equal' if m['cmp1']['ids'][0] == m['cmp1']['ids'][1] else 'differ'}). "
+         f"The zstd store equals the lzf one pixel for pixel: {m['cmp_lzf']['identical'] == 1.0} (content ids "
+         f"{'equal' if m['cmp_lzf']['ids'][0] == m['cmp_lzf']['ids'][1] else 'differ'}: the codec is not content); "
+         f"file size per image {m['kib']['zstd']:.0f} KiB (zstd) vs {m['kib']['lzf']:.0f} KiB (lzf)."),
         "",
         (f"Machine: {machine()}; load average (1 min) {m['load0'][0]:.1f} at the start, {m['load1'][0]:.1f} at the end "
          "(absolute figures move with the load; the ratios were measured side by side)."),

@@ -24,7 +24,7 @@ import numpy as np
 from wbc.sources import ImageDecodeError, decode_image, resize_square
 from wbc.stain import StainError
 from wbc.stain_np import NumpyMacenko
-from wbc.store import EncodedImage
+from wbc.store import EncodedImage, check_compression, compression_kwargs
 
 Row = tuple[int, EncodedImage | None, bool, str, str]  # (index, chunk or None if skipped, stain_ok, sha256, note)
 
@@ -40,11 +40,12 @@ class _Encoder(threading.local):
     `encode_image`, without creating a file for each image."""
 
     def encode(self, image: np.ndarray, compression: str | None) -> EncodedImage:
+        compression = check_compression(compression)
         key = (image.shape, compression)
         if getattr(self, "key", None) != key:
             self.f = h5py.File(io.BytesIO(), "w")
             self.ds = self.f.create_dataset("x", shape=(1, *image.shape), dtype=np.uint8,
-                                            chunks=(1, *image.shape), compression=compression)
+                                            chunks=(1, *image.shape), **compression_kwargs(compression))
             self.key = key
         self.ds[0] = image
         mask, data = self.ds.id.read_direct_chunk((0,) * (image.ndim + 1))

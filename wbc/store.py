@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import h5py
+import hdf5plugin  # registers the Zstandard filter with HDF5 (the store's default codec)
 import numpy as np
 
 from wbc.errors import WbcError
@@ -43,6 +44,38 @@ ROW_FIELDS: dict[str, Any] = {
     "note": _STR,  # why stain_ok is False, or a conversion made on decode ('' when none)
 }
 SKIP_FIELDS = ("skipped_paths", "skipped_reasons")
+
+# The images' codec. Zstandard level 1 (HDF5 filter 32015 from hdf5plugin) against h5py's lzf on
+# normalised PBC-LT images at 368 px: compresses in 1.4 vs 3.0 ms, decompresses in 0.4 vs 1.2 ms,
+# 189 vs 224 KiB per image. lzf stays selectable: a store any h5py reads without hdf5plugin.
+COMPRESSIONS = ("zstd", "lzf", "gzip", "none")
+DEFAULT_COMPRESSION = "zstd"
+
+
+def check_compression(name: str | None) -> str:
+    """The codec's name ('none' for None); an unknown name raises WbcError."""
+    name = "none" if name is None else str(name)
+    if name not in COMPRESSIONS:
+        raise WbcError(f"unknown --compression {name!r}; choose from {', '.join(COMPRESSIONS)}")
+    return name
+
+
+def compression_kwargs(name: str | None) -> dict:
+    """h5py `create_dataset` keywords of a codec."""
+    name = check_compression(name)
+    if name == "zstd":
+        return dict(hdf5plugin.Zstd(clevel=1))
+    return {} if name == "none" else {"compression": name}
+
+
+def compression_of(ds: h5py.Dataset) -> str:
+    """The codec an existing `images` dataset was written with (stores before zstd: lzf)."""
+    if "32015" in ds._filters:  # h5py names only its own filters; plugins appear by id
+        return "zstd"
+    if ds.compression in COMPRESSIONS:
+        return ds.compression
+    other = sorted(set(ds._filters) - {"shuffle", "fletcher32", "scaleoffset"})
+    return "none" if not other else f"other ({', '.join(other)})"
 
 
 def _jdump(obj: Any) -> str:
@@ -66,17 +99,18 @@ class EncodedImage:
     data: bytes
     filter_mask: int
     size: int
-    compression: str | None
+    compression: str
 
 
-def encode_image(image: np.ndarray, compression: str | None = "lzf") -> EncodedImage:
+def encode_image(image: np.ndarray, compression: str | None = DEFAULT_COMPRESSION) -> EncodedImage:
     """Compress one (S, S, 3) uint8 image into the store's chunk format.
 
     Worker processes call this so the writer only copies bytes (`write_direct_chunk`): with
     many workers, compressing in the single writing process would be the bottleneck.
     """
+    compression = check_compression(compression)
     with h5py.File(io.BytesIO(), "w") as f:
-        ds = f.create_dataset("x", data=image[None], chunks=(1, *image.shape), compression=compression)
+        ds = f.create_dataset("x", data=image[None], chunks=(1, *image.shape), **compression_kwargs(compression))
         mask, data = ds.id.read_direct_chunk((0, 0, 0, 0))
     return EncodedImage(bytes(data), int(mask), int(image.shape[0]), compression)
 
@@ -108,7 +142,7 @@ class StoreWriter:
         *,
         size: int,
         plan_id: str,
-        compression: str | None = "lzf",
+        compression: str | None = DEFAULT_COMPRESSION,
         overwrite: bool = False,
     ):
         self.path = Path(path)
@@ -120,7 +154,9 @@ class StoreWriter:
         if self.path.exists():
             self.f = self._open_existing()
         else:
-            self.f = self._create(compression)
+            self.f = self._create(check_compression(compression))
+        # A resumed store keeps the codec it was started with (its chunks must all decode alike).
+        self.compression = compression_of(self.f["images"])
 
     # -- opening ---------------------------------------------------------------------------
     def _open_existing(self) -> h5py.File:
@@ -158,13 +194,13 @@ class StoreWriter:
     def cursor_of(f: h5py.File) -> int:
         return int(f.attrs.get("cursor", 0))
 
-    def _create(self, compression: str | None) -> h5py.File:
+    def _create(self, compression: str) -> h5py.File:
         f = h5py.File(self.path, "w")
         s = self.size
         f.attrs.update(format=FORMAT, plan_id=self.plan_id, size=s, complete=False, cursor=0)
         f.create_dataset(
             "images", shape=(0, s, s, 3), maxshape=(None, s, s, 3), dtype=np.uint8,
-            chunks=(1, s, s, 3), compression=compression,
+            chunks=(1, s, s, 3), **compression_kwargs(compression),
         )
         for name, dt in ROW_FIELDS.items():
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
@@ -230,7 +266,7 @@ class StoreWriter:
             ds[n:] = np.asarray(values, dtype=object if ds.dtype == _STR else ds.dtype)
 
     def _check_encoded(self, images: Sequence[EncodedImage]) -> None:
-        want = (self.size, self.f["images"].compression)
+        want = (self.size, self.compression)
         for e in images:
             if (e.size, e.compression) != want:
                 raise ValueError(f"encoded image is {(e.size, e.compression)}, store wants {want}")
@@ -349,6 +385,7 @@ class ImageStore:
                 "prepare command to resume it"
             )
         self.size = int(f.attrs["size"])
+        self.compression: str = compression_of(f["images"])
         self.class_names: list[str] = json.loads(f.attrs["class_names"])
         self.provenance: dict = json.loads(f.attrs["provenance"])
         self.content_id: str = str(f.attrs["content_id"])
@@ -448,7 +485,8 @@ def store_info(path: str | Path) -> dict:
     codes = [*range(len(s.class_names)), -1][: len(names)]
     counts = {p: [int(((y == c) & m).sum()) for c in codes] for p, m in parts.items()}
     fails = [int(((y == c) & ~s.stain_ok).sum()) for c in codes]
-    return {"path": str(s.path), "n": len(s), "size": s.size, "content_id": s.content_id,
+    return {"path": str(s.path), "n": len(s), "size": s.size, "compression": s.compression,
+            "content_id": s.content_id,
             "classes": names, "counts": counts, "stain_failed": fails,
             "n_stain_failed": int((~s.stain_ok).sum()), "n_skipped": len(s.skipped),
             "skipped_reasons": _reason_counts(r for _, r in s.skipped),

@@ -34,6 +34,9 @@ def prepare(
     seed: Seed = 0,
     stain_backend: StainBackend = "batched",
     device: Device = "auto",
+    compression: Annotated[str, typer.Option(
+        help="Codec of the stored images: zstd (fastest, smallest; readers need hdf5plugin, which "
+             "wbc imports), lzf (any h5py reads it), gzip, none.")] = "zstd",
     overwrite: Overwrite = False,
 ) -> None:
     """Decode, Macenko-normalise, resize and store a labelled image set in an HDF5 store (resumable)."""
@@ -41,7 +44,7 @@ def prepare(
 
     cfg = PrepareConfig(size=size, stain=not no_stain, template=template, workers=workers,
                         max_template_candidates=max_template_candidates, seed=seed,
-                        stain_backend=stain_backend, device=device)
+                        stain_backend=stain_backend, device=device, compression=compression)
     r = prepare_store(source, out, cfg, overwrite=overwrite)
     tpl = f"template {r.template['path']}" if r.template else "no stain normalisation"
     console.print(f"{r.out}: {r.n_written} images stored, {r.n_skipped} skipped (see {r.skipped_csv}), "
@@ -98,6 +101,7 @@ def info(
     meta = Table(show_header=False, title="provenance")
     rows = {
         "content id": d["content_id"],
+        "compression": d["compression"],
         "stain": p.get("stain"),
         "template": f"{tpl.get('path')} ({tpl.get('spec')}"
                     + (f", medoid of {tpl['candidates'] - tpl['candidates_failed']} candidates)" if "candidates" in tpl else ")")
