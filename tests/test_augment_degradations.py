@@ -42,3 +42,26 @@ def test_training_with_degradations_is_reproducible(tmp_path):
     wa = torch.load(a / "last.pt", map_location="cpu", weights_only=True)["model"]
     wb = torch.load(b / "last.pt", map_location="cpu", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_no_warning_for_read_only_degradation_results():
+    """PIL-backed degradations (blur, JPEG) return read-only arrays; handing one to torch printed
+    a UserWarning from every DataLoader worker of a `--augment degradations` run. torch warns once
+    per process, so the check runs in a fresh one, with warnings as errors."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import random, numpy as np, torch\n"
+        "from tests.fixtures import stained_image\n"
+        "from wbc.data import TensorDegradation\n"
+        "x = torch.from_numpy(stained_image(np.random.default_rng(1), size=32)).permute(2, 0, 1).contiguous()\n"
+        "random.seed(0)\n"
+        "d = TensorDegradation(p=1.0)\n"
+        "for _ in range(40):\n"
+        "    d(x)\n"
+    )
+    r = subprocess.run([sys.executable, "-W", "error", "-c", code], check=False, capture_output=True, text=True,
+                       cwd=str(Path(__file__).resolve().parents[1]), timeout=120)
+    assert r.returncode == 0, r.stderr[-800:]

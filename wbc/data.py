@@ -108,8 +108,10 @@ class TensorDegradation(torch.nn.Module):
         self.inner = RandomDegradation(p=p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.inner(np.ascontiguousarray(x.permute(1, 2, 0).numpy()))
-        return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)
+        out = np.ascontiguousarray(self.inner(np.ascontiguousarray(x.permute(1, 2, 0).numpy())))
+        if not out.flags.writeable:  # PIL-backed results are read-only: torch warns on each worker
+            out = out.copy()
+        return torch.from_numpy(out).permute(2, 0, 1)
 
 
 @AUGMENTS.register("degradations")
