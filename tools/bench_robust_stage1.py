@@ -49,7 +49,7 @@ def train_cfg(args, augment: str, recipe: str):
 
     return Stage1Config(backbone="lite0", pretrained="package", epochs=args.epochs, batch_size=32, lr=3e-4,
                        patience=args.epochs, crop=args.crop, augment=augment, recipe=recipe, device="cpu",
-                       workers=args.workers, seed=0)
+                       workers=args.workers, seed=getattr(args, "seed", 0))
 
 
 def stage1(args, work: Path, name: str) -> Path:
@@ -298,7 +298,7 @@ def score_ensemble(args, work: Path, names: list[str]) -> dict:
 
 
 def run_all(args, work: Path) -> None:
-    for recipe, alpha in plan(args.recipes):
+    for recipe, alpha in args.jobs or plan(args.recipes):
         if recipe == "ens":
             try:  # an extra, informative row: its failure must not stop the grid
                 score_ensemble(args, work, ["frozen", f"{args.recipes[0]}-a1"])
@@ -352,6 +352,10 @@ def _zoom_note(work: Path) -> str:
     return f"auto = {d['zoom']:g}" + (f", raw {d['estimate']['raw']:.3f}" if d.get("estimate") else "")
 
 
+def _jobs(args) -> str:
+    return ", ".join(f"{r}-a{a:g}" for r, a in getattr(args, "jobs", []) or []) or "all"
+
+
 def report(args, work: Path) -> str:
     res = load_results(work)
     order = {n: i for i, n in enumerate(["frozen"] + [f"{rc}-a{a:g}{bn}" for rc in RECIPES for bn in ("", "-bn")
@@ -363,7 +367,8 @@ def report(args, work: Path) -> str:
         f"{_pct(r.get('jtsc_zoom_mf1'))} | {_pct(r.get('jtsc_adapted_mf1'))} |"
         for n, r in ((n, res[n]) for n in names))
     paper = res.get("paper-a1")
-    return f"""## Robust Stage 1: recipes x WiSE-FT alpha, frozen member (tools/bench_robust_stage1.py)
+    title = "" if getattr(args, "section", "robust-stage1") == "robust-stage1" else f" [{args.section}: rows {_jobs(args)}]"
+    return f"""## Robust Stage 1: recipes x WiSE-FT alpha, frozen member (tools/bench_robust_stage1.py){title}
 
 lite0 (`--pretrained package`), fold 0 of `{args.store}`, {args.epochs} epochs, crop {args.crop}, batch 32,
 lr 3e-4, CPU (one torch thread). Rows: `paper` (RandAugment, the default), `scale-degr` (`--augment
@@ -408,7 +413,11 @@ def main() -> None:
     p.add_argument("--machine-note", default="", help="what else ran on the machine meanwhile")
     p.add_argument("--notes", help="markdown file appended to the section (the reading of the grid)")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
+    p.add_argument("--jobs", default="", help="only these rows, e.g. degr:1,paper:1,degr:0.5 (default: the whole grid)")
+    p.add_argument("--seed", type=int, default=0, help="Stage-1 seed (a second seed: another --work)")
+    p.add_argument("--section", default="robust-stage1", help="BENCHMARKS.md section to write")
     args = p.parse_args()
+    args.jobs = [(r, float(a)) for r, a in (j.split(":") for j in args.jobs.split(",") if j)]
     args.recipes = [r for r in args.recipes.split(",") if r]
     args.bn_alphas = [float(a) for a in args.bn_alphas.split(",") if a]
     from wbc.log import setup_logging
@@ -426,7 +435,7 @@ def main() -> None:
     if args.no_write:
         print(body)
     else:
-        write_section("robust-stage1", body)
+        write_section(args.section, body)
 
 
 if __name__ == "__main__":
