@@ -46,8 +46,8 @@ ROW_FIELDS: dict[str, Any] = {
 SKIP_FIELDS = ("skipped_paths", "skipped_reasons")
 
 # The images' codec. Zstandard level 1 (HDF5 filter 32015 from hdf5plugin) against h5py's lzf on
-# normalised PBC-LT images at 368 px: compresses in 1.4 vs 3.0 ms, decompresses in 0.4 vs 1.2 ms,
-# 189 vs 224 KiB per image. lzf stays selectable: a store any h5py reads without hdf5plugin.
+# normalised PBC-LT images at 368 px (BENCHMARKS.md "prepare"): compresses in 1.8 vs 3.8 ms,
+# decompresses ~3x faster, 201 vs 235 KiB per image. lzf stays selectable: any h5py reads it.
 COMPRESSIONS = ("zstd", "lzf", "gzip", "none")
 DEFAULT_COMPRESSION = "zstd"
 
