@@ -49,7 +49,7 @@ def train_cfg(args, augment: str, recipe: str):
 
     return Stage1Config(backbone="lite0", pretrained="package", epochs=args.epochs, batch_size=32, lr=3e-4,
                        patience=args.epochs, crop=args.crop, augment=augment, recipe=recipe, device="cpu",
-                       workers=args.workers, seed=getattr(args, "seed", 0))
+                       workers=args.workers, seed=args.seed)
 
 
 def stage1(args, work: Path, name: str) -> Path:
@@ -353,7 +353,7 @@ def _zoom_note(work: Path) -> str:
 
 
 def _jobs(args) -> str:
-    return ", ".join(f"{r}-a{a:g}" for r, a in getattr(args, "jobs", []) or []) or "all"
+    return ", ".join(f"{r}-a{a:g}" for r, a in args.jobs) or "all"
 
 
 def report(args, work: Path) -> str:
@@ -367,7 +367,7 @@ def report(args, work: Path) -> str:
         f"{_pct(r.get('jtsc_zoom_mf1'))} | {_pct(r.get('jtsc_adapted_mf1'))} |"
         for n, r in ((n, res[n]) for n in names))
     paper = res.get("paper-a1")
-    title = "" if getattr(args, "section", "robust-stage1") == "robust-stage1" else f" [{args.section}: rows {_jobs(args)}]"
+    title = "" if args.section == "robust-stage1" else f" [{args.section}: rows {_jobs(args)}]"
     return f"""## Robust Stage 1: recipes x WiSE-FT alpha, frozen member (tools/bench_robust_stage1.py){title}
 
 lite0 (`--pretrained package`), fold 0 of `{args.store}`, {args.epochs} epochs, crop {args.crop}, batch 32,
